@@ -1,0 +1,22 @@
+"""phi3-export: quantize Phi-3-family checkpoints to 4 bits and export them for devices."""
+
+from phi3_export.versions import tool_version
+
+__version__ = tool_version()
+
+
+def quantize(*args, **kwargs):
+    """See :func:`phi3_export.api.quantize`."""
+    from phi3_export.api import quantize as _quantize
+
+    return _quantize(*args, **kwargs)
+
+
+def make_fixture(*args, **kwargs):
+    """See :func:`phi3_export.fixtures.tiny.make_fixture`."""
+    from phi3_export.fixtures.tiny import make_fixture as _make
+
+    return _make(*args, **kwargs)
+
+
+__all__ = ["__version__", "make_fixture", "quantize"]

@@ -1,0 +1,3 @@
+from phi3_export.cli import main
+
+main()

@@ -1,0 +1,145 @@
+"""The Python API: plain functions the CLI wraps. Data flows one way:
+
+checkpoint -> recipe check -> quantized checkpoint -> artifacts (one per format x target) -> manifest
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from phi3_export.arch import architecture
+from phi3_export.checkpoint import Checkpoint
+from phi3_export.checkpoint.check import check_recipe, matching_recipes
+from phi3_export.errors import Phi3ExportError
+from phi3_export.export.onnx.artifact import export_onnx
+from phi3_export.export.onnx.targets import resolve_target
+from phi3_export.output import check_free_space, file_entries, staged_output
+from phi3_export.progress import Progress
+from phi3_export.quant.qcheckpoint import QuantizedCheckpoint
+from phi3_export.quant.settings import QuantSettings
+from phi3_export.quant.stage import quantize_checkpoint
+from phi3_export.recipes import Recipe, list_recipes, load_recipe
+from phi3_export.versions import library_versions, tool_version
+
+MANIFEST_VERSION = 1
+FORMATS = ("onnx",)
+
+
+@dataclass(frozen=True)
+class RecipeChoice:
+    recipe: Recipe
+    how: str  # "given", "fixture", "matched", "generic"
+
+
+def choose_recipe(ckpt: Checkpoint, facts, recipe: str | None) -> RecipeChoice:
+    source = str(ckpt.folder / "config.json")
+    if recipe is not None:
+        chosen = load_recipe(recipe)
+        check_recipe(chosen, facts, is_fixture_of_recipe=ckpt.fixture_recipe() == chosen.name, source=source)
+        return RecipeChoice(chosen, "given")
+    if ckpt.fixture_recipe():
+        chosen = load_recipe(ckpt.fixture_recipe())
+        check_recipe(chosen, facts, is_fixture_of_recipe=True, source=source)
+        return RecipeChoice(chosen, "fixture")
+    matches = matching_recipes([load_recipe(n) for n in list_recipes()], facts)
+    if len(matches) > 1:
+        names = ", ".join(r.name for r in matches)
+        raise Phi3ExportError(f"{source}: matches several shipped recipes ({names}); pick one with --recipe")
+    if matches:
+        return RecipeChoice(matches[0], "matched")
+    # A fine-tune with other dims, or a test model: the architecture's generic defaults.
+    generic = Recipe(name=f"{facts.model_type.replace('_', '-')}-generic", description="generic defaults", model=facts)
+    return RecipeChoice(generic, "generic")
+
+
+def _estimate_bytes(ckpt: Checkpoint, settings: QuantSettings, n_targets: int) -> int:
+    params = sum(_numel(ckpt.shape(n)) for n in ckpt.names)
+    per_param = {4: 0.6, 8: 1.1, 16: 2.0, 32: 4.0}[settings.bits]
+    staging = params * (2.0 if not settings.quantized else per_param)
+    return int(params * per_param * n_targets + staging) + (64 << 20)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def artifact_name(recipe: Recipe, settings: QuantSettings, fmt: str, target: str) -> str:
+    method = settings.method if settings.quantized else "float"
+    return f"{recipe.name}-{method}-{settings.tag}-{fmt}-{target}"
+
+
+def quantize(
+    checkpoint: str | Path, out: str | Path, *, recipe: str | None = None, bits: int | None = None,
+    method: str | None = None, formats: tuple[str, ...] = ("onnx",), targets: tuple[str, ...] | None = None,
+    block_size: int | None = None, symmetric: bool | None = None, accuracy_level: int | None = None,
+    max_length: int | None = None, force: bool = False, keep_quantized: bool = False, progress: Progress | None = None,
+) -> dict:
+    """Quantize a checkpoint and export one artifact per format x target; returns the manifest."""
+    progress = progress or Progress(enabled=False)
+    ckpt = Checkpoint(checkpoint)
+    arch_name = (ckpt.config.get("architectures") or [None])[0]
+    if not arch_name:
+        raise Phi3ExportError(f"{ckpt.folder / 'config.json'}: no 'architectures' entry")
+    arch = architecture(arch_name, source=str(ckpt.folder / "config.json"))
+    facts = arch.facts_from_config(ckpt.config, ckpt.tokenizer_kind)
+    choice = choose_recipe(ckpt, facts, recipe)
+    progress.message(f"recipe: {choice.recipe.name} ({choice.how})")
+    settings = QuantSettings.from_recipe(
+        choice.recipe.quantization, bits=bits, method=method, block_size=block_size, symmetric=symmetric,
+        accuracy_level=accuracy_level,
+    )
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise Phi3ExportError(f"--format: not supported yet: {fmt} (available: {', '.join(FORMATS)})")
+    chosen_targets = targets or tuple(choice.recipe.export.targets)
+    resolved = [resolve_target(t, choice.recipe, settings.bits, settings.accuracy_level, max_length) for t in chosen_targets]
+    out = Path(out)
+    if out.exists() and not force:
+        raise Phi3ExportError(f"{out}: output already exists (use --force to replace it)")
+    check_free_space(out.parent if out.parent.exists() else Path.cwd(), _estimate_bytes(ckpt, settings, len(resolved)))
+
+    with staged_output(out, force) as staging:
+        qdir = staging / "quantized"
+        quantize_checkpoint(ckpt, arch, facts, settings, qdir, progress)
+        qckpt = QuantizedCheckpoint(qdir)
+        artifacts = []
+        for target in resolved:
+            folder = staging / f"onnx-{target.name}"
+            export_onnx(qckpt, ckpt, arch, facts, target, folder, progress)
+            files = file_entries(folder, staging)
+            artifacts.append({
+                "name": artifact_name(choice.recipe, settings, "onnx", target.name),
+                "format": "onnx", "target": target.name, "path": folder.name,
+                "max_length": target.max_length, "accuracy_level": target.accuracy_level,
+                "providers": list(target.providers) or ["cpu"],
+                "size_bytes": sum(f["size"] for f in files), "files": files,
+            })
+        qckpt.close()
+        ckpt.close()
+        if keep_quantized:
+            artifacts.append({"name": artifact_name(choice.recipe, settings, "quantized", "any"), "format": "quantized-checkpoint",
+                              "target": None, "path": "quantized", "files": file_entries(qdir, staging)})
+        else:
+            shutil.rmtree(qdir)
+        manifest = {
+            "schema_version": MANIFEST_VERSION,
+            "tool": {"name": "phi3-export", "version": tool_version()},
+            "versions": library_versions(),
+            "source": {
+                "architecture": facts.architecture,
+                "config_sha256": hashlib.sha256((ckpt.folder / "config.json").read_bytes()).hexdigest(),
+            },
+            "recipe": {"name": choice.recipe.name, "how_chosen": choice.how},
+            "settings": settings.as_dict(),
+            "model": json.loads(facts.model_dump_json()),
+            "artifacts": artifacts,
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest

@@ -1,0 +1,66 @@
+"""What an architecture module declares. Algorithms read these facts and never name a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from phi3_export.recipes.schema import ModelFacts
+
+
+@dataclass(frozen=True)
+class ScalingGroup:
+    """An AWQ scaling group: linears that share an input, and where 1/s is folded.
+
+    ``prev`` is the role the inverse scale folds into (a norm's weight, or rows of a
+    linear); ``prev_rows`` names which rows of a fused ``prev`` linear feed ``linears``
+    ("up" half of gate_up, "v" rows of qkv). ``kv_shared`` marks a group whose scale must
+    be one per KV-head channel, repeated to the query heads that share it (GQA).
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+    prev_rows: Literal["all", "up", "v"] = "all"
+    kv_shared: bool = False
+
+
+@dataclass(frozen=True)
+class Rotary:
+    cos_sin_cache_length: int
+    rotary_dim: int
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+
+
+class Architecture:
+    """Base of the declarative architecture modules (see arch/phi3.py)."""
+
+    names: ClassVar[tuple[str, ...]]
+    supported: ClassVar[bool] = True
+    why_unsupported: ClassVar[str] = ""
+
+    # Tensor names in the HF checkpoint; "{i}" is the decoder layer index.
+    embed: ClassVar[str]
+    final_norm: ClassVar[str]
+    lm_head: ClassVar[str]
+    layer_norms: ClassVar[dict[str, str]]
+    layer_linears: ClassVar[dict[str, str]]
+    # How the fused projections split: role -> ordered (part, size-field) list.
+    fused: ClassVar[dict[str, tuple[str, ...]]]
+    scaling_groups: ClassVar[tuple[ScalingGroup, ...]]
+    rope_kinds: ClassVar[tuple[str, ...]]
+    mlp_activation: ClassVar[str]
+
+    @classmethod
+    def layer_tensor(cls, role: str, i: int) -> str:
+        table = {**cls.layer_norms, **cls.layer_linears}
+        return table[role].format(i=i)
+
+    @classmethod
+    def facts_from_config(cls, config: dict[str, Any], tokenizer_kind: str) -> ModelFacts:
+        raise NotImplementedError
+
+    @classmethod
+    def rope_tables(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Extra RoPE data the exporters need (LongRoPE factor lists, attention factor)."""
+        raise NotImplementedError

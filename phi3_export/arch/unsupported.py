@@ -1,0 +1,25 @@
+"""Phi architectures the registry knows but cannot export yet; each says why."""
+
+from phi3_export.arch.base import Architecture
+from phi3_export.arch.registry import register
+
+
+@register
+class Phi3Small(Architecture):
+    names = ("Phi3SmallForCausalLM",)
+    supported = False
+    why_unsupported = "gegelu MLP, blocksparse attention and muP need their own graph"
+
+
+@register
+class PhiMoE(Architecture):
+    names = ("PhiMoEForCausalLM",)
+    supported = False
+    why_unsupported = "mixture-of-experts layers need a MoE graph"
+
+
+@register
+class Phi3Vision(Architecture):
+    names = ("Phi3VForCausalLM",)
+    supported = False
+    why_unsupported = "the CLIP image encoder and projector are not exported yet"

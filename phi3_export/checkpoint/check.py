@@ -1,0 +1,54 @@
+"""Recipe against checkpoint: the checkpoint's config.json is the authority on facts.
+
+Features (architecture, RoPE kind, partial rotary, tied embeddings, sliding window, GQA
+ratio) must always agree. Dimensions must agree too, except for a test fixture that
+records which recipe it scales down. A recipe value of ``from-checkpoint`` is not checked.
+"""
+
+from __future__ import annotations
+
+from phi3_export.errors import Phi3ExportError
+from phi3_export.recipes.schema import FROM_CHECKPOINT, ModelFacts, Recipe
+
+FEATURES = ("architecture", "rope.kind", "rope.partial_rotary_factor", "tie_word_embeddings", "sliding_window", "gqa_ratio")
+DIMS = (
+    "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size",
+    "context_length", "original_context_length", "rope.theta", "tokenizer",
+)
+
+
+def _get(facts: ModelFacts, field: str) -> object:
+    if field == "gqa_ratio":
+        if FROM_CHECKPOINT in (facts.num_heads, facts.num_kv_heads):
+            return FROM_CHECKPOINT
+        return facts.num_heads // facts.num_kv_heads
+    value: object = facts
+    for part in field.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def mismatches(recipe: ModelFacts, checkpoint: ModelFacts, *, dims: bool) -> list[tuple[str, object, object]]:
+    fields = FEATURES + (DIMS if dims else ())
+    out = []
+    for field in fields:
+        want, have = _get(recipe, field), _get(checkpoint, field)
+        if want != FROM_CHECKPOINT and want != have:
+            out.append((field, want, have))
+    return out
+
+
+def check_recipe(recipe: Recipe, facts: ModelFacts, *, is_fixture_of_recipe: bool, source: str) -> None:
+    """Raise a one-line error naming the first disagreeing field and both values."""
+    bad = mismatches(recipe.model, facts, dims=not is_fixture_of_recipe)
+    if bad:
+        field, want, have = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise Phi3ExportError(
+            f"{source}: recipe {recipe.name} does not match the checkpoint: "
+            f"model.{field} is {want!r} in the recipe but {have!r} in config.json{more}"
+        )
+
+
+def matching_recipes(recipes: list[Recipe], facts: ModelFacts) -> list[Recipe]:
+    return [r for r in recipes if not mismatches(r.model, facts, dims=True)]

@@ -1,0 +1,129 @@
+"""The `phi3-export` command: a thin Click layer over phi3_export.api."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from phi3_export.errors import Phi3ExportError
+from phi3_export.versions import tool_version
+
+
+def _csv(value: str | None) -> tuple[str, ...] | None:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
+class _Group(click.Group):
+    """Prints a user error as one line and exits 2; keeps tracebacks for real bugs."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Phi3ExportError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(tool_version(), prog_name="phi3-export")
+def main() -> None:
+    """Quantize Phi-3-family checkpoints to 4 bits and export them for devices.
+
+    \b
+    Typical use:
+      phi3-export fixture --recipe phi-3-mini-4k --out tiny/      # a tiny test checkpoint
+      phi3-export quantize --checkpoint tiny/ --bits 4 --out out/  # int4 ONNX for onnxruntime-genai
+      phi3-export recipes list
+    """
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="Local Hugging Face folder (config.json + safetensors).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder: manifest.json plus one folder per artifact.")
+@click.option("--recipe", help="Shipped recipe name or a recipe YAML path. Default: the shipped recipe matching the checkpoint.")
+@click.option("--bits", type=click.Choice(["4", "8", "16", "32"]), help="4/8: int weights (MatMulNBits); 16/32: unquantized fp16/fp32 reference.")
+@click.option("--method", type=click.Choice(["rtn", "awq"]), help="Quantization method (default from the recipe).")
+@click.option("--format", "formats", default="onnx", show_default=True, help="Comma-separated formats: onnx.")
+@click.option("--target", "targets", help="Comma-separated targets: cpu, dml, mobile (default: the recipe's).")
+@click.option("--block-size", type=int, help="Weights per quantization block (16-256, power of two).")
+@click.option("--symmetric/--asymmetric", default=None, help="Symmetric (zero point 8) or asymmetric per-block zero points.")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), help="MatMulNBits compute precision: 4 = int8 activations (fastest on CPU), 0/1 = fp32.")
+@click.option("--max-length", type=int, help="Generation max_length: KV cache and RoPE tables are sized from it.")
+@click.option("--keep-quantized", is_flag=True, help="Keep the format-neutral quantized checkpoint in OUT/quantized.")
+@click.option("--force", is_flag=True, help="Replace an existing --out folder (only once the new one is complete).")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def quantize(checkpoint, out, recipe, bits, method, formats, targets, block_size, symmetric, accuracy_level, max_length,
+             keep_quantized, force, quiet):
+    """Quantize a checkpoint and export one artifact per format and target.
+
+    Recipe values are the defaults; every flag given overrides its recipe field. The
+    output appears only when complete (built in a temp folder beside it, then renamed).
+    """
+    from phi3_export.api import quantize as run
+    from phi3_export.progress import Progress
+
+    manifest = run(
+        checkpoint, out, recipe=recipe, bits=int(bits) if bits else None, method=method, formats=_csv(formats) or ("onnx",),
+        targets=_csv(targets), block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
+        max_length=max_length, force=force, keep_quantized=keep_quantized, progress=Progress(enabled=not quiet),
+    )
+    for artifact in manifest["artifacts"]:
+        size = sum(f["size"] for f in artifact["files"]) / 1e6
+        click.echo(f"{artifact['name']}: {out / artifact['path']} ({size:.1f} MB)")
+
+
+@main.command()
+@click.option("--recipe", required=True, help="Recipe whose architecture the fixture has (name or path).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write the checkpoint to.")
+@click.option("--layers", default=2, show_default=True, help="Decoder layers.")
+@click.option("--hidden", type=int, help="Hidden size (default: small, set by the GQA ratio).")
+@click.option("--train-steps", default=0, show_default=True, help="Train briefly on the corpus' train part so accuracy numbers mean something.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing --out folder.")
+def fixture(recipe, out, layers, hidden, train_steps, seed, force):
+    """Write a tiny checkpoint of a recipe's architecture, with a locally trained tokenizer.
+
+    It keeps the recipe's features (GQA ratio, LongRoPE, partial rotary, sliding window,
+    tied embeddings, tokenizer kind) at small dimensions; no download is involved.
+    """
+    from phi3_export.fixtures.tiny import make_fixture
+    from phi3_export.output import staged_output
+    from phi3_export.recipes import load_recipe
+
+    chosen = load_recipe(recipe)
+    with staged_output(out, force) as staging:
+        config = make_fixture(chosen, staging, layers=layers, hidden=hidden, train_steps=train_steps, seed=seed)
+    loss = config["phi3_export_fixture"]["final_loss"]
+    click.echo(f"{out}: {chosen.model.architecture} fixture of {chosen.name}, hidden {config['hidden_size']}, "
+               f"{layers} layers" + (f", trained {train_steps} steps (loss {loss:.3f})" if train_steps else ""))
+
+
+@main.group()
+def recipes() -> None:
+    """List and show the shipped recipes."""
+
+
+@recipes.command("list")
+def recipes_list():
+    """One shipped recipe name per line."""
+    from phi3_export.recipes import list_recipes
+
+    for name in list_recipes():
+        click.echo(name)
+
+
+@recipes.command("show")
+@click.argument("name")
+def recipes_show(name):
+    """Print a recipe (shipped name or path) as validated YAML, defaults filled in."""
+    import yaml
+
+    from phi3_export.recipes import load_recipe
+
+    click.echo(yaml.safe_dump(load_recipe(name).model_dump(mode="json"), sort_keys=False), nl=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Resolved quantization settings: the recipe's, with command-line flags on top."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from pydantic import ValidationError
+
+from phi3_export.errors import Phi3ExportError
+from phi3_export.recipes.schema import Quantization
+
+FLOAT_BITS = {16: "fp16", 32: "fp32"}
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    bits: int
+    method: str
+    block_size: int
+    symmetric: bool
+    accuracy_level: int
+    overrides: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_recipe(cls, q: Quantization, **flags) -> "QuantSettings":
+        """The recipe's settings with every given flag on top, validated by the same schema."""
+        given = {k: v for k, v in flags.items() if v is not None}
+        try:
+            merged = Quantization.model_validate({**q.model_dump(), **given})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            flag = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "options"
+            raise Phi3ExportError(f"{flag}: {err['msg']}") from None
+        values = {k: getattr(merged, k) for k in ("bits", "method", "block_size", "symmetric", "accuracy_level")}
+        return cls(overrides=dict(merged.overrides), **values)
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits in (4, 8)
+
+    def precision(self, role: str) -> str:
+        """int4 / int8 / fp16 / fp32 for a tensor role (linear roles, lm_head, embed_tokens)."""
+        if role in self.overrides:
+            return self.overrides[role]
+        default = f"int{self.bits}" if self.quantized else FLOAT_BITS[self.bits]
+        if role == "embed_tokens":
+            # A lookup table gains nothing from MatMulNBits; it stays float unless tied.
+            return "fp32" if self.quantized else default
+        return default
+
+    @property
+    def tag(self) -> str:
+        """Short form used in artifact names: w4g32s, w4g128a, w32."""
+        if not self.quantized:
+            return f"w{self.bits}"
+        return f"w{self.bits}g{self.block_size}{'s' if self.symmetric else 'a'}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,123 @@
+"""The recipe: one YAML per model and context variant, typed and validated.
+
+A recipe states the architecture facts of its model (checked against a checkpoint's
+config.json) and the export settings. A fact the published config does not give is left
+as ``from-checkpoint`` rather than guessed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FROM_CHECKPOINT = "from-checkpoint"
+FromCheckpoint = Literal["from-checkpoint"]
+
+Target = Literal["cpu", "dml", "mobile"]
+Precision = Literal["int4", "int8", "fp16", "fp32"]
+TokenizerKind = Literal["llama-sentencepiece", "byte-bpe"]
+RopeKind = Literal["default", "longrope"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Rope(Strict):
+    kind: RopeKind
+    theta: float = Field(gt=0)
+    partial_rotary_factor: float = Field(default=1.0, gt=0, le=1)
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _su_is_longrope(cls, value: object) -> object:
+        # Older Phi-3 128k config files call LongRoPE "su"; it is the same scheme.
+        return "longrope" if value == "su" else value
+
+
+class ModelFacts(Strict):
+    """Architecture facts; the same shape is built from a checkpoint's config.json."""
+
+    architecture: str
+    model_type: str
+    num_layers: int | FromCheckpoint = Field(gt=0)
+    hidden_size: int | FromCheckpoint = Field(gt=0)
+    num_heads: int | FromCheckpoint = Field(gt=0)
+    num_kv_heads: int | FromCheckpoint = Field(gt=0)
+    head_dim: int | FromCheckpoint = Field(gt=0)
+    intermediate_size: int | FromCheckpoint = Field(gt=0)
+    vocab_size: int | FromCheckpoint = Field(gt=0)
+    context_length: int | FromCheckpoint = Field(gt=0)
+    original_context_length: int | FromCheckpoint = Field(gt=0)
+    rope: Rope
+    sliding_window: int | Literal["none"] | FromCheckpoint
+    tie_word_embeddings: bool | FromCheckpoint
+    tokenizer: TokenizerKind
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelFacts":
+        h, kv = self.num_heads, self.num_kv_heads
+        if isinstance(h, int) and isinstance(kv, int) and h % kv:
+            raise ValueError(f"num_heads {h} is not a multiple of num_kv_heads {kv}")
+        return self
+
+
+class Quantization(Strict):
+    bits: Literal[4, 8, 16, 32] = 4
+    method: Literal["rtn", "awq"] = "rtn"
+    block_size: int = Field(default=32, ge=16, le=256)
+    symmetric: bool = True
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+    # Tensors kept at another precision than `bits`, by registry role (e.g. lm_head: int8).
+    overrides: dict[str, Precision] = Field(default_factory=dict)
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"block_size must be a power of two between 16 and 256, got {value}")
+        return value
+
+
+class TargetOptions(Strict):
+    max_length: int | None = Field(default=None, gt=0)
+    accuracy_level: Literal[0, 1, 2, 3, 4] | None = None
+    # Execution providers and their options for genai_config.json, in priority order
+    # (e.g. {dml: {}} or {qnn: {backend_path: libQnnHtp.so}}); CPU is always the fallback.
+    provider_options: dict[str, dict[str, str]] | None = None
+
+
+class Export(Strict):
+    targets: list[Target] = Field(default_factory=lambda: ["cpu"], min_length=1)
+    # Generation max_length written to genai_config: the KV cache is sized from it.
+    max_length: int = Field(default=4096, gt=0)
+    target_options: dict[Target, TargetOptions] = Field(default_factory=dict)
+
+
+class ReportThresholds(Strict):
+    max_kld_increase: float = Field(default=0.01, ge=0)
+    max_ppl_increase_pct: float = Field(default=2.0, ge=0)
+    max_size_increase_pct: float = Field(default=1.0, ge=0)
+    min_decode_tps_ratio: float = Field(default=0.8, gt=0)
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9.\-]*$")
+    description: str = ""
+    model: ModelFacts
+    quantization: Quantization = Quantization()
+    export: Export = Export()
+    report: ReportThresholds = ReportThresholds()
+
+    @model_validator(mode="after")
+    def _max_length_within_context(self) -> "Recipe":
+        ctx = self.model.context_length
+        lengths = [("export.max_length", self.export.max_length)] + [
+            (f"export.target_options.{t}.max_length", o.max_length)
+            for t, o in self.export.target_options.items()
+        ]
+        for where, length in lengths:
+            if isinstance(ctx, int) and length is not None and length > ctx:
+                raise ValueError(f"{where} {length} exceeds model.context_length {ctx}")
+        return self
