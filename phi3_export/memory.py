@@ -1,0 +1,82 @@
+"""Peak memory of a command, measured as sampled anonymous RSS (RssAnon) of its process tree.
+
+Memory-mapped checkpoint pages count in ru_maxrss but are file-backed and reclaimable;
+RssAnon is what runs a laptop out of memory. ru_maxrss is reported beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    kids = [int(p) for p in text.split()]
+    return kids + [g for k in kids for g in _children(k)]
+
+
+def tree_kb(pid: int, field: str) -> int:
+    return sum(_status_kb(p, field) for p in [pid, *_children(pid)])
+
+
+@dataclass
+class MemoryResult:
+    returncode: int
+    wall_s: float
+    peak_rss_anon_mb: float
+    # Peak total RSS (VmHWM, what ru_maxrss reports): includes mapped checkpoint pages.
+    peak_rss_mb: float
+    stdout: str
+    stderr: str
+
+
+def run_measured(cmd: list[str], interval_s: float = 0.02, env: dict | None = None) -> MemoryResult:
+    """Run ``cmd``, sampling its process tree's RssAnon every ``interval_s``."""
+    import tempfile
+
+    start = time.monotonic()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        peak = hwm = 0
+        stop = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak, hwm
+            while not stop.is_set():
+                peak = max(peak, tree_kb(proc.pid, "RssAnon"))
+                # VmHWM is per exec'd image, so unlike wait4's ru_maxrss it does not
+                # include the parent's pages copied at fork.
+                hwm = max(hwm, tree_kb(proc.pid, "VmHWM"))
+                stop.wait(interval_s)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        proc.wait()
+        stop.set()
+        sampler.join()
+        wall = time.monotonic() - start
+        out.seek(0)
+        err.seek(0)
+        return MemoryResult(proc.returncode, wall, peak / 1024, hwm / 1024, out.read(), err.read())
+
+
+def self_rss_anon_mb() -> float:
+    return _status_kb(os.getpid(), "RssAnon") / 1024

@@ -1,0 +1,135 @@
+"""The command line: determinism, bad inputs (one line, non-zero, nothing at --out), flags."""
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from phi3_export.cli import main
+from phi3_export.recipes import recipes_dir
+
+
+def _run(*args):
+    return CliRunner().invoke(main, list(map(str, args)))
+
+
+def _digest(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_version_and_help():
+    assert _run("--version").output.startswith("phi3-export, version ")
+    assert "--symmetric / --asymmetric" in _run("quantize", "--help").output
+
+
+def test_two_runs_are_byte_identical(fixture_dir, tmp_path):
+    for name in ("a", "b"):
+        result = _run("quantize", "--checkpoint", fixture_dir("phi-4-mini"), "--out", tmp_path / name, "--bits", "4",
+                      "--asymmetric", "--quiet")
+        assert result.exit_code == 0, result.output
+    a, b = _digest(tmp_path / "a"), _digest(tmp_path / "b")
+    assert a == b and any(k.endswith("model.onnx.data") for k in a)
+
+
+def test_manifest_lists_artifacts_with_hashes(fixture_dir, tmp_path):
+    out = tmp_path / "out"
+    result = _run("quantize", "--checkpoint", fixture_dir("phi-3-mini-4k"), "--out", out, "--target", "cpu,mobile", "--quiet")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"] == {"name": "phi-3-mini-4k", "how_chosen": "fixture"}
+    assert [a["path"] for a in manifest["artifacts"]] == ["onnx-cpu", "onnx-mobile"]
+    for artifact in manifest["artifacts"]:
+        for entry in artifact["files"]:
+            assert hashlib.sha256((out / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+    assert not (out / "quantized").exists()
+    assert manifest["versions"]["onnxruntime-genai"]
+
+
+def _broken_checkpoint(fixture, tmp_path, how):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(fixture, folder)
+    if how == "missing-config":
+        (folder / "config.json").unlink()
+    elif how == "truncated":
+        shard = folder / "model.safetensors"
+        shard.write_bytes(shard.read_bytes()[:1000])
+    elif how == "pickle":
+        (folder / "model.safetensors").unlink()
+        (folder / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    elif how == "mismatch":
+        config = json.loads((folder / "config.json").read_text())
+        del config["phi3_export_fixture"]
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+BAD = [
+    ("missing-config", [], "missing config.json"),
+    ("truncated", [], "truncated"),
+    ("pickle", [], "pickle checkpoints are refused"),
+    ("fine", ["--recipe", "phi-9"], "unknown recipe 'phi-9'"),
+    ("fine", ["--recipe", "TYPO"], "unknown field"),
+    ("mismatch", ["--recipe", "phi-3-mini-4k"], "model.num_layers is 32 in the recipe but 2 in config.json"),
+    ("fine", ["--recipe", "phi-3-mini-128k"], "model.rope.kind is 'longrope' in the recipe but 'default'"),
+    ("fine", ["--block-size", "48"], "--block-size"),
+    ("fine", ["--target", "tpu"], "unknown target 'tpu'"),
+    ("fine", ["--bits", "16", "--target", "cpu"], "--bits 16: target cpu runs --bits 32 unquantized"),
+]
+
+
+@pytest.mark.parametrize("how,extra,message", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input_one_line_error_nothing_written(how, extra, message, fixture_dir, tmp_path):
+    folder = _broken_checkpoint(fixture_dir("phi-3-mini-4k"), tmp_path, how)
+    if "TYPO" in extra:
+        typo = tmp_path / "typo.yaml"
+        typo.write_text((recipes_dir() / "phi-3-mini-4k.yaml").read_text().replace("symmetric:", "symetric:"))
+        extra = ["--recipe", typo]
+    out_parent = tmp_path / "outs"
+    out_parent.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "phi3_export", "quantize", "--checkpoint", str(folder), "--out",
+                           str(out_parent / "out"), "--quiet", *map(str, extra)], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert list(out_parent.iterdir()) == []
+
+
+def test_existing_out_is_refused_then_replaced_with_force(fixture_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = _run("quantize", "--checkpoint", fixture_dir("phi-3-mini-4k"), "--out", out, "--quiet")
+    assert result.exit_code == 2 and "already exists" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+    result = _run("quantize", "--checkpoint", fixture_dir("phi-3-mini-4k"), "--out", out, "--quiet", "--force", "--target", "cpu")
+    assert result.exit_code == 0 and not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or old folder left
+
+
+def test_ambiguous_checkpoint_lists_candidates(fixture_dir, tmp_path):
+    # A checkpoint with published mini-128k dims matches mini-128k and 3.5-mini alike.
+    from phi3_export.api import choose_recipe
+    from phi3_export.arch import architecture
+    from phi3_export.checkpoint import Checkpoint
+    from phi3_export.errors import Phi3ExportError
+    from phi3_export.recipes import load_recipe
+
+    ckpt = Checkpoint(fixture_dir("phi-3-mini-128k"))
+    ckpt.config.pop("phi3_export_fixture")
+    published = load_recipe("phi-3-mini-128k").model
+    with pytest.raises(Phi3ExportError, match="phi-3-mini-128k, phi-3.5-mini"):
+        choose_recipe(ckpt, published, None)
+    facts = architecture("Phi3ForCausalLM").facts_from_config(ckpt.config, ckpt.tokenizer_kind)
+    assert choose_recipe(ckpt, facts, None).how == "generic"
+
+
+def test_fixture_command(tmp_path):
+    result = _run("fixture", "--recipe", "phi-3-medium-4k", "--out", tmp_path / "fx", "--layers", "1")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "fx" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1 and config["phi3_export_fixture"]["recipe"] == "phi-3-medium-4k"
+    assert _run("fixture", "--recipe", "phi-3-small-8k", "--out", tmp_path / "small").exit_code == 2
