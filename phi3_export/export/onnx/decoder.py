@@ -29,7 +29,7 @@ from phi3_export.errors import Phi3ExportError
 from phi3_export.export.onnx.external_data import ExternalDataWriter, inline
 from phi3_export.export.onnx.rotary import cos_sin
 from phi3_export.export.onnx.targets import ResolvedTarget
-from phi3_export.quant.qcheckpoint import QuantizedCheckpoint, pack_codes
+from phi3_export.quant.qcheckpoint import QuantizedCheckpoint, pack_codes, unpack_codes
 
 OPSET = 21
 MS = "com.microsoft"
@@ -110,19 +110,21 @@ class DecoderEmitter:
         bits, block = info["bits"], info["block_size"]
         rows, cols = info["shape"]
         n_blocks = -(-cols // block)
-        q = self.q.quantized(tensor)
-        codes = q.codes
+        packed, scales, zeros = self.q.packed(tensor)
         if cols % block:
-            pad = n_blocks * block - cols
-            codes = torch.cat([codes, q.zeros[:, -1:].expand(rows, pad)], dim=1)
-        blob = pack_codes(codes, bits).numpy().reshape(rows, n_blocks, block * bits // 8)
+            # MatMulNBits wants whole blocks: pad the last one with its zero point (dequantizes to 0).
+            codes = unpack_codes(packed, bits, cols)
+            codes = torch.cat([codes, zeros[:, -1:].expand(rows, n_blocks * block - cols)], dim=1)
+            packed = pack_codes(codes, bits)
+        # Our packing (low nibble = even column) is MatMulNBits' own: only the shape changes.
+        blob = packed.numpy().reshape(rows, n_blocks, block * bits // 8)
         inputs = [
             self.weight(f"{base}.weight_Q{bits}", blob),
-            self.weight(f"{base}.weight_scales", q.scales.numpy().astype(self.io)),
+            self.weight(f"{base}.weight_scales", scales.numpy().astype(self.io)),
         ]
         # MatMulNBits' default zero point is 2**(bits-1): omit the input when every block uses it.
-        if not torch.all(q.zeros == 2 ** (bits - 1)):
-            zp = q.zeros if bits == 8 else pack_codes(q.zeros, 4)
+        if not torch.all(zeros == 2 ** (bits - 1)):
+            zp = zeros if bits == 8 else pack_codes(zeros, 4)
             inputs.append(self.weight(f"{base}.weight_zp", zp.numpy()))
         return inputs, {"K": cols, "N": rows, "bits": bits, "block_size": block}
 
