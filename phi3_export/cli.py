@@ -77,12 +77,14 @@ def quantize(checkpoint, out, recipe, bits, method, formats, targets, block_size
 @main.command()
 @click.option("--recipe", required=True, help="Recipe whose architecture the fixture has (name or path).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write the checkpoint to.")
-@click.option("--layers", default=2, show_default=True, help="Decoder layers.")
+@click.option("--layers", type=int, default=2, show_default=True, help="Decoder layers (with --full-size, 0 = the recipe's).")
 @click.option("--hidden", type=int, help="Hidden size (default: small, set by the GQA ratio).")
 @click.option("--train-steps", default=0, show_default=True, help="Train briefly on the corpus' train part so accuracy numbers mean something.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--full-size", is_flag=True, help="The recipe's real dimensions (needs --random): for benchmarks.")
+@click.option("--random", "random_weights", is_flag=True, help="Random bf16 weights, written one layer at a time.")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
-def fixture(recipe, out, layers, hidden, train_steps, seed, force):
+def fixture(recipe, out, layers, hidden, train_steps, seed, full_size, random_weights, force):
     """Write a tiny checkpoint of a recipe's architecture, with a locally trained tokenizer.
 
     It keeps the recipe's features (GQA ratio, LongRoPE, partial rotary, sliding window,
@@ -93,6 +95,16 @@ def fixture(recipe, out, layers, hidden, train_steps, seed, force):
     from phi3_export.recipes import load_recipe
 
     chosen = load_recipe(recipe)
+    if full_size:
+        from phi3_export.fixtures.full_size import write_full_size
+        from phi3_export.progress import Progress
+
+        if not random_weights:
+            raise Phi3ExportError("--full-size needs --random (there is no model hub to fetch real weights from)")
+        with staged_output(out, force) as staging, Progress().task("fixture", layers) as task:
+            config = write_full_size(chosen, staging, layers=layers, seed=seed, progress=task)
+        click.echo(f"{out}: random full-size {chosen.name} checkpoint, {config['num_hidden_layers']} layers")
+        return
     with staged_output(out, force) as staging:
         config = make_fixture(chosen, staging, layers=layers, hidden=hidden, train_steps=train_steps, seed=seed)
     loss = config["phi3_export_fixture"]["final_loss"]

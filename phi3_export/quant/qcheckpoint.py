@@ -1,6 +1,6 @@
 """The format-neutral quantized checkpoint: the contract between quantizers and exporters.
 
-A folder with ``quantized.json`` and one safetensors file per group (``globals``,
+A folder with ``quantized.json`` and one safetensors file per group (``embed_tokens``,
 ``layer-000``, ...), written as each group is finished so nothing holds the model:
 
 - a quantized weight ``NAME`` (shape [rows, cols], blocked along cols) is stored as
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors import safe_open
@@ -57,12 +57,24 @@ class QuantizedCheckpointWriter:
         self._pending: dict[str, torch.Tensor] = {}
 
     def add_quantized(self, name: str, q: QuantizedTensor, role: str) -> None:
-        self._pending[f"{name}.codes"] = pack_codes(q.codes, q.bits)
-        self._pending[f"{name}.scales"] = q.scales.to(torch.float32).contiguous()
-        self._pending[f"{name}.zeros"] = q.zeros.contiguous()
+        self.add_quantized_rows(name, [q], role)
+
+    def add_quantized_rows(self, name: str, row_blocks: Iterable[QuantizedTensor], role: str) -> None:
+        """A quantized tensor given as consecutive row blocks; each is packed as it arrives."""
+        codes, scales, zeros, cols = [], [], [], None
+        for q in row_blocks:
+            codes.append(pack_codes(q.codes, q.bits))
+            scales.append(q.scales.to(torch.float32))
+            zeros.append(q.zeros)
+            cols, bits, block, symmetric = q.shape[1], q.bits, q.block_size, q.symmetric
+        self._pending[f"{name}.codes"] = torch.cat(codes) if len(codes) > 1 else codes[0].contiguous()
+        del codes
+        self._pending[f"{name}.scales"] = torch.cat(scales).contiguous()
+        self._pending[f"{name}.zeros"] = torch.cat(zeros).contiguous()
+        rows = self._pending[f"{name}.scales"].shape[0]
         self.tensors[name] = {
-            "kind": "quantized", "role": role, "shape": list(q.shape), "bits": q.bits,
-            "block_size": q.block_size, "symmetric": q.symmetric, "group": None,
+            "kind": "quantized", "role": role, "shape": [rows, cols], "bits": bits,
+            "block_size": block, "symmetric": symmetric, "group": None,
         }
 
     def add_float(self, name: str, tensor: torch.Tensor, role: str) -> None:
@@ -101,11 +113,13 @@ class QuantizedCheckpoint:
     def config(self) -> dict[str, Any]:
         return self.meta["config"]
 
+    def _handle(self, group: str):
+        if group not in self._handles:
+            self._handles[group] = safe_open(str(self.folder / f"{group}.safetensors"), framework="pt")
+        return self._handles[group]
+
     def _get(self, group: str, key: str) -> torch.Tensor:
-        handle = self._handles.get(group)
-        if handle is None:
-            handle = self._handles[group] = safe_open(str(self.folder / f"{group}.safetensors"), framework="pt")
-        return handle.get_tensor(key)
+        return self._handle(group).get_tensor(key)
 
     def info(self, name: str) -> dict[str, Any]:
         return self.tensors[name]
@@ -126,6 +140,13 @@ class QuantizedCheckpoint:
 
     def float(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self._get(self.tensors[name]["group"], name).to(dtype)
+
+    def float_row_blocks(self, name: str, dtype: torch.dtype, rows_per_block: int):
+        """A float tensor as consecutive row blocks (embedding tables: 32064-200064 rows)."""
+        view = self._handle(self.tensors[name]["group"]).get_slice(name)
+        rows = self.tensors[name]["shape"][0]
+        for start in range(0, rows, rows_per_block):
+            yield view[start : min(rows, start + rows_per_block)].to(dtype)
 
     def weight(self, name: str) -> torch.Tensor:
         """The float weight the exporter's graph computes with (dequantized if quantized)."""

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import Iterator
 
 from phi3_export.arch.base import Architecture
 from phi3_export.checkpoint.reader import Checkpoint
@@ -20,24 +19,16 @@ from phi3_export.recipes.schema import ModelFacts
 CHUNK_ELEMENTS = 1 << 21
 
 
-def quantize_rows(ckpt: Checkpoint, name: str, bits: int, settings: QuantSettings) -> QuantizedTensor:
+def quantize_rows(ckpt: Checkpoint, name: str, bits: int, settings: QuantSettings) -> Iterator[QuantizedTensor]:
     rows, cols = ckpt.shape(name)
     step = max(1, CHUNK_ELEMENTS // cols)
-    parts = [
-        quantize_rtn(ckpt.rows(name, start, min(rows, start + step)), bits, settings.block_size, settings.symmetric)
-        for start in range(0, rows, step)
-    ]
-    if len(parts) == 1:
-        return parts[0]
-    return QuantizedTensor(
-        codes=torch.cat([p.codes for p in parts]), scales=torch.cat([p.scales for p in parts]),
-        zeros=torch.cat([p.zeros for p in parts]), bits=bits, block_size=settings.block_size, symmetric=settings.symmetric,
-    )
+    for start in range(0, rows, step):
+        yield quantize_rtn(ckpt.rows(name, start, min(rows, start + step)), bits, settings.block_size, settings.symmetric)
 
 
 def _store(writer: QuantizedCheckpointWriter, ckpt: Checkpoint, name: str, role: str, precision: str, settings: QuantSettings) -> None:
     if precision in ("int4", "int8"):
-        writer.add_quantized(name, quantize_rows(ckpt, name, int(precision[3:]), settings), role)
+        writer.add_quantized_rows(name, quantize_rows(ckpt, name, int(precision[3:]), settings), role)
     else:
         writer.add_float(name, ckpt.tensor(name, None), role)
 
@@ -62,12 +53,14 @@ def quantize_checkpoint(
             writer.flush(f"layer-{i:03d}")
             task.advance(f"layer {i}")
         writer.add_float(arch.final_norm, ckpt.tensor(arch.final_norm, None), "final_norm")
+        writer.flush("final_norm")
         # Tied: one table, stored once, serves the lookup and the LM head at the LM head's precision.
         embed_precision = settings.precision("lm_head") if tied else settings.precision("embed_tokens")
         _store(writer, ckpt, arch.embed, "embed_tokens", embed_precision, settings)
+        writer.flush("embed_tokens")  # the two largest tensors: one file each, never both in memory
         if not tied:
             _store(writer, ckpt, arch.lm_head, "lm_head", settings.precision("lm_head"), settings)
-        writer.flush("globals")
+            writer.flush("lm_head")
         task.advance("embeddings")
     writer.close()
     return out

@@ -102,7 +102,12 @@ class DecoderEmitter:
         return name
 
     def float_param(self, tensor_name: str, onnx_name: str) -> str:
-        return self.weight(onnx_name, self.q.float(tensor_name).numpy().astype(self.io))
+        """A float tensor in the target's dtype, copied over in row blocks."""
+        shape = tuple(self.q.info(tensor_name)["shape"])
+        rows_per_block = max(1, (1 << 22) // max(1, int(np.prod(shape[1:]))))
+        blocks = (b.numpy() for b in self.q.float_row_blocks(tensor_name, torch.float32, rows_per_block))
+        self.initializers.append(self.data.add_rows(onnx_name, shape, np.dtype(self.io), blocks))
+        return onnx_name
 
     # ---- building blocks --------------------------------------------------------------
     def matmul_nbits_inputs(self, tensor: str, base: str) -> tuple[list[str], dict]:

@@ -8,6 +8,7 @@ boundaries so ONNX Runtime can memory-map them; small ones on 64 bytes.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import onnx
@@ -26,22 +27,32 @@ class ExternalDataWriter:
 
     def add(self, name: str, array: np.ndarray) -> onnx.TensorProto:
         array = np.ascontiguousarray(array)
-        align = PAGE if array.nbytes >= LARGE else SMALL_ALIGN
+        return self.add_rows(name, array.shape, array.dtype, [array])
+
+    def add_rows(self, name: str, shape: tuple[int, ...], dtype: np.dtype, chunks: Iterable[np.ndarray]) -> onnx.TensorProto:
+        """A tensor written as consecutive row blocks, so only one block is ever in memory."""
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        align = PAGE if nbytes >= LARGE else SMALL_ALIGN
         pad = (-self.offset) % align
         if pad:
             self._file.write(b"\0" * pad)
             self.offset += pad
-        data = array.tobytes()
-        self._file.write(data)
+        written = 0
+        for chunk in chunks:
+            data = np.ascontiguousarray(chunk, dtype=dtype).tobytes()
+            self._file.write(data)
+            written += len(data)
+        if written != nbytes:
+            raise ValueError(f"{name}: wrote {written} bytes, shape {shape} needs {nbytes}")
         tensor = onnx.TensorProto()
         tensor.name = name
-        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
-        tensor.dims.extend(array.shape)
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        tensor.dims.extend(shape)
         tensor.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(data)))):
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(nbytes))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
-        self.offset += len(data)
+        self.offset += nbytes
         return tensor
 
     def close(self) -> None:
