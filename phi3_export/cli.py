@@ -112,6 +112,20 @@ def fixture(recipe, out, layers, hidden, train_steps, seed, full_size, random_we
                f"{layers} layers" + (f", trained {train_steps} steps (loss {loss:.3f})" if train_steps else ""))
 
 
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", default="What does the for statement do?", show_default=True, help="The user message.")
+@click.option("--max-new-tokens", default=64, show_default=True)
+def chat(artifact, prompt, max_new_tokens):
+    """Answer one chat message with an ONNX artifact folder, through onnxruntime-genai."""
+    from phi3_export.validate.generate import chat as run
+
+    result = run(artifact, prompt, max_new_tokens)
+    click.echo(f"user: {prompt}\nassistant: {result.text}")
+    click.echo(f"({result.new_tokens} tokens, first after {result.time_to_first_token_s * 1000:.0f} ms, "
+               f"{result.decode_tokens_per_s:.0f} tokens/s)", err=True)
+
+
 @main.group()
 def recipes() -> None:
     """List and show the shipped recipes."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 
 class Progress:
@@ -18,12 +18,13 @@ class Progress:
             print(text, file=sys.stderr, flush=True)
 
     @contextmanager
-    def task(self, label: str, total: int) -> Iterator["_Task"]:
+    def task(self, label: str, total: int) -> Iterator[_Task]:
         if not self.enabled:
             yield _Task(None, None, label, total, quiet=True)
             return
         if self.tty:
-            from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
 
             columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                        TimeElapsedColumn(), TimeRemainingColumn())

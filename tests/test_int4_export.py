@@ -8,12 +8,12 @@ import onnxruntime_genai as og
 import pytest
 import torch
 from onnx import numpy_helper
-from ort_runner import OrtDecoder
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from phi3_export.fixtures.corpus import corpus_text
 from phi3_export.quant.qcheckpoint import QuantizedCheckpoint, unpack_codes
 from phi3_export.quant.rtn import dequantize
+from phi3_export.validate.ort_decoder import OrtDecoder
 
 CASES = [("phi-3-mini-4k", True, 32), ("phi-3-medium-4k", False, 16), ("phi-4-mini", False, 32), ("phi-4-mini", True, 64)]
 

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from ort_runner import OrtDecoder
 from transformers import AutoModelForCausalLM
+
+from phi3_export.validate.ort_decoder import OrtDecoder
 
 TOL = 1e-4
 

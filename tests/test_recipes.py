@@ -86,6 +86,6 @@ def test_invalid_yaml_and_unknown_recipe(tmp_path):
 def test_su_is_longrope_and_heads_must_divide(tmp_path):
     path, _ = _broken(tmp_path, "kind: default", "kind: su")
     assert load_recipe(str(path)).model.rope.kind == "longrope"
-    path, line = _broken(tmp_path, "num_kv_heads: 32", "num_kv_heads: 5")
+    path, _ = _broken(tmp_path, "num_kv_heads: 32", "num_kv_heads: 5")
     with pytest.raises(Phi3ExportError, match="not a multiple of num_kv_heads 5"):
         load_recipe(str(path))

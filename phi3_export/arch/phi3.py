@@ -9,7 +9,7 @@ optionally partial (Phi-4-mini rotates 0.75 of each head).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 from phi3_export.arch.base import Architecture, ScalingGroup
 from phi3_export.arch.registry import register
@@ -24,18 +24,18 @@ class Phi3(Architecture):
     embed = "model.embed_tokens.weight"
     final_norm = "model.norm.weight"
     lm_head = "lm_head.weight"
-    layer_norms = {
+    layer_norms: ClassVar[dict[str, str]] = {
         "input_layernorm": "model.layers.{i}.input_layernorm.weight",
         "post_attention_layernorm": "model.layers.{i}.post_attention_layernorm.weight",
     }
-    layer_linears = {
+    layer_linears: ClassVar[dict[str, str]] = {
         "qkv_proj": "model.layers.{i}.self_attn.qkv_proj.weight",
         "o_proj": "model.layers.{i}.self_attn.o_proj.weight",
         "gate_up_proj": "model.layers.{i}.mlp.gate_up_proj.weight",
         "down_proj": "model.layers.{i}.mlp.down_proj.weight",
     }
     # Rows of the fused weights, in order: q|k|v and gate|up.
-    fused = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}
+    fused: ClassVar[dict[str, tuple[str, ...]]] = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}
     scaling_groups = (
         ScalingGroup(prev="input_layernorm", linears=("qkv_proj",)),
         ScalingGroup(prev="post_attention_layernorm", linears=("gate_up_proj",)),

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import safe_open

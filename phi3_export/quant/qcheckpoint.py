@@ -17,8 +17,9 @@ RTN and AWQ write it; the ONNX and Core ML exporters read the same codes from it
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from safetensors import safe_open

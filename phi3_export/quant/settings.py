@@ -22,7 +22,7 @@ class QuantSettings:
     overrides: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_recipe(cls, q: Quantization, **flags) -> "QuantSettings":
+    def from_recipe(cls, q: Quantization, **flags) -> QuantSettings:
         """The recipe's settings with every given flag on top, validated by the same schema."""
         given = {k: v for k, v in flags.items() if v is not None}
         try:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from phi3_export.arch.base import Architecture
 from phi3_export.checkpoint.reader import Checkpoint
@@ -12,7 +12,6 @@ from phi3_export.quant.qcheckpoint import QuantizedCheckpointWriter
 from phi3_export.quant.rtn import QuantizedTensor, quantize_rtn
 from phi3_export.quant.settings import QuantSettings
 from phi3_export.recipes.schema import ModelFacts
-
 
 # Rows quantized at a time: bounds the float32 working set (and its temporaries) to a few
 # tens of MB whatever the tensor, e.g. Phi-3-mini's 16384 x 3072 gate_up_proj.

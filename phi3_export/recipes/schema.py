@@ -56,7 +56,7 @@ class ModelFacts(Strict):
     tokenizer: TokenizerKind
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelFacts":
+    def _heads_divide(self) -> ModelFacts:
         h, kv = self.num_heads, self.num_kv_heads
         if isinstance(h, int) and isinstance(kv, int) and h % kv:
             raise ValueError(f"num_heads {h} is not a multiple of num_kv_heads {kv}")
@@ -111,7 +111,7 @@ class Recipe(Strict):
     report: ReportThresholds = ReportThresholds()
 
     @model_validator(mode="after")
-    def _max_length_within_context(self) -> "Recipe":
+    def _max_length_within_context(self) -> Recipe:
         ctx = self.model.context_length
         lengths = [("export.max_length", self.export.max_length)] + [
             (f"export.target_options.{t}.max_length", o.max_length)

@@ -53,7 +53,7 @@ class DecoderShape:
     tied: bool
 
     @classmethod
-    def from_config(cls, config: dict, facts) -> "DecoderShape":
+    def from_config(cls, config: dict, facts) -> DecoderShape:
         rotary_dim = int(facts.head_dim * facts.rope.partial_rotary_factor)
         if (rotary_dim // 2) % 8:
             raise Phi3ExportError(

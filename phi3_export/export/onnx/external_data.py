@@ -7,8 +7,8 @@ boundaries so ONNX Runtime can memory-map them; small ones on 64 bytes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import onnx

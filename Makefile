@@ -1,0 +1,35 @@
+# phi3-export developer tasks. `make setup demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO := build/demo
+
+.PHONY: setup test lint bench demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check phi3_export tests benchmarks
+
+# Not run by CI: exports one checkpoint with ours and with the ORT-GenAI builder, JSON under build/bench/.
+bench: setup
+	$(BIN)/python benchmarks/bench_export.py --out build/bench
+
+# The main job end to end on a built-in tiny checkpoint: no network, about a minute.
+demo: setup
+	rm -rf $(DEMO)
+	$(BIN)/phi3-export fixture --recipe phi-3-mini-4k --train-steps 300 --hidden 128 --out $(DEMO)/checkpoint
+	$(BIN)/phi3-export quantize --checkpoint $(DEMO)/checkpoint --bits 4 --out $(DEMO)/out
+	$(BIN)/phi3-export chat $(DEMO)/out/onnx-cpu --prompt "What does the for statement do?"
+
+clean:
+	rm -rf build

@@ -1,0 +1,1 @@
+"""Validation of exported artifacts (generation smoke test for now)."""
