@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -124,6 +125,16 @@ def accuracy(work: Path, block: int, level: int, train_steps: int) -> dict:
             "eval_tokens": len(ids), "window": 256, "perplexity": {k: round(v, 4) for k, v in results.items()}}
 
 
+def machine() -> dict:
+    cpu = platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(mem / 2**30, 1), "python": platform.python_version()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "build" / "bench")
@@ -161,7 +172,7 @@ def main() -> None:
         "schema_version": 1,
         "tool_version": tool_version(),
         "versions": library_versions(),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count()},
+        "machine": machine(),
         "settings": {"bits": 4, "block_size": args.block_size, "symmetric": True, "accuracy_level": args.accuracy_level,
                      "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats},
         "checkpoint": {"shape": "phi-3-mini-4k widths", "layers": args.layers},

@@ -12,11 +12,12 @@ def quantize(*args, **kwargs):
     return _quantize(*args, **kwargs)
 
 
-def make_fixture(*args, **kwargs):
-    """See :func:`phi3_export.fixtures.tiny.make_fixture`."""
+def make_fixture(recipe, out, **kwargs):
+    """A tiny checkpoint of ``recipe`` (name, path or Recipe); see :func:`phi3_export.fixtures.tiny.make_fixture`."""
     from phi3_export.fixtures.tiny import make_fixture as _make
+    from phi3_export.recipes import load_recipe
 
-    return _make(*args, **kwargs)
+    return _make(load_recipe(recipe) if isinstance(recipe, str) else recipe, out, **kwargs)
 
 
 __all__ = ["__version__", "make_fixture", "quantize"]

@@ -70,9 +70,9 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def artifact_name(recipe: Recipe, settings: QuantSettings, fmt: str, target: str) -> str:
+def artifact_name(recipe: Recipe, settings: QuantSettings, fmt: str, target: str | None) -> str:
     method = settings.method if settings.quantized else "float"
-    return f"{recipe.name}-{method}-{settings.tag}-{fmt}-{target}"
+    return f"{recipe.name}-{method}-{settings.tag}-{fmt}" + (f"-{target}" if target else "")
 
 
 def quantize(
@@ -124,7 +124,7 @@ def quantize(
         qckpt.close()
         ckpt.close()
         if keep_quantized:
-            artifacts.append({"name": artifact_name(choice.recipe, settings, "quantized", "any"), "format": "quantized-checkpoint",
+            artifacts.append({"name": artifact_name(choice.recipe, settings, "quantized", None), "format": "quantized-checkpoint",
                               "target": None, "path": "quantized", "files": file_entries(qdir, staging)})
         else:
             shutil.rmtree(qdir)

@@ -68,10 +68,9 @@ class Checkpoint:
         config_path = self.folder / "config.json"
         if not config_path.is_file():
             raise Phi3ExportError(f"{config_path}: missing config.json (not a Hugging Face checkpoint folder)")
+        # An "auto_map" (remote modelling code) is ignored, never run: the registry's
+        # declarative module and the config's own fields describe the model.
         self.config = _read_json(config_path)
-        if self.config.get("auto_map"):
-            # Remote code is never run; the config's own fields must describe the model.
-            self.remote_code_ignored = True
         self._shards = self._find_shards()
         self._where: dict[str, Path] = {}
         self._headers: dict[str, dict[str, Any]] = {}
