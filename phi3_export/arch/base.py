@@ -16,12 +16,15 @@ class ScalingGroup:
     linear); ``prev_rows`` names which rows of a fused ``prev`` linear feed ``linears``
     ("up" half of gate_up, "v" rows of qkv). ``kv_shared`` marks a group whose scale must
     be one per KV-head channel, repeated to the query heads that share it (GQA).
+    ``inspect`` names the layer submodule whose output scores a candidate scale (attention,
+    MLP), so the search sees what follows the linears; without it the linears' own outputs do.
     """
 
     prev: str
     linears: tuple[str, ...]
     prev_rows: Literal["all", "up", "v"] = "all"
     kv_shared: bool = False
+    inspect: str | None = None
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,44 @@ class Architecture:
     # How the fused projections split: role -> ordered (part, size-field) list.
     fused: ClassVar[dict[str, tuple[str, ...]]]
     scaling_groups: ClassVar[tuple[ScalingGroup, ...]]
+    no_clip: ClassVar[tuple[str, ...]] = ()
     rope_kinds: ClassVar[tuple[str, ...]]
     mlp_activation: ClassVar[str]
+
+    # Prefix of one decoder layer's tensors; the rest of each name is the module path in
+    # the layer module that calibration runs (``calibration_layer``).
+    layer_prefix: ClassVar[str]
+
+    @classmethod
+    def part_sizes(cls, facts: ModelFacts) -> dict[str, int]:
+        raise NotImplementedError
+
+    @classmethod
+    def rows_of(cls, role: str, part: str, facts: ModelFacts) -> slice:
+        """The rows of fused weight ``role`` that hold ``part`` (e.g. the V rows of qkv_proj)."""
+        sizes = cls.part_sizes(facts)
+        start = 0
+        for name in cls.fused[role]:
+            if name == part:
+                return slice(start, start + sizes[name])
+            start += sizes[name]
+        raise KeyError(f"{role} has no part {part!r}")
+
+    @classmethod
+    def module_path(cls, role: str) -> str:
+        """'qkv_proj' -> 'self_attn.qkv_proj': where the role's module sits in the layer."""
+        table = {**cls.layer_norms, **cls.layer_linears}
+        return table[role].removeprefix(cls.layer_prefix).removesuffix(".weight")
+
+    @classmethod
+    def calibration_layer(cls, config: dict[str, Any], index: int):
+        """A float32 torch module of decoder layer ``index`` (weights not loaded), for AWQ."""
+        raise NotImplementedError
+
+    @classmethod
+    def calibration_inputs(cls, config: dict[str, Any], seq_len: int) -> dict[str, Any]:
+        """Extra keyword inputs a calibration layer's forward needs (RoPE tables, mask)."""
+        raise NotImplementedError
 
     @classmethod
     def layer_tensor(cls, role: str, i: int) -> str:

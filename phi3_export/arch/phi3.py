@@ -21,6 +21,7 @@ from phi3_export.recipes.schema import ModelFacts
 class Phi3(Architecture):
     names = ("Phi3ForCausalLM",)
 
+    layer_prefix = "model.layers.{i}."
     embed = "model.embed_tokens.weight"
     final_norm = "model.norm.weight"
     lm_head = "lm_head.weight"
@@ -37,12 +38,14 @@ class Phi3(Architecture):
     # Rows of the fused weights, in order: q|k|v and gate|up.
     fused: ClassVar[dict[str, tuple[str, ...]]] = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}
     scaling_groups = (
-        ScalingGroup(prev="input_layernorm", linears=("qkv_proj",)),
-        ScalingGroup(prev="post_attention_layernorm", linears=("gate_up_proj",)),
+        ScalingGroup(prev="input_layernorm", linears=("qkv_proj",), inspect="self_attn"),
+        ScalingGroup(prev="post_attention_layernorm", linears=("gate_up_proj",), inspect="mlp"),
         ScalingGroup(prev="gate_up_proj", prev_rows="up", linears=("down_proj",)),
         # V rows feed o_proj; under GQA one V channel feeds several heads' columns.
         ScalingGroup(prev="qkv_proj", prev_rows="v", linears=("o_proj",), kv_shared=True),
     )
+    # qkv_proj is not clip-searched: clipping q/k rows distorts attention scores (AWQ paper's practice).
+    no_clip = ("qkv_proj",)
     rope_kinds = ("default", "longrope")
     mlp_activation = "silu"
 
@@ -70,6 +73,41 @@ class Phi3(Architecture):
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             tokenizer=tokenizer_kind,
         )
+
+    @classmethod
+    def part_sizes(cls, facts: ModelFacts) -> dict[str, int]:
+        """Rows of each part of the fused projections, in ``fused`` order."""
+        q, kv = facts.num_heads * facts.head_dim, facts.num_kv_heads * facts.head_dim
+        return {"q": q, "k": kv, "v": kv, "gate": facts.intermediate_size, "up": facts.intermediate_size}
+
+    @classmethod
+    def _hf_config(cls, config: dict[str, Any]):
+        from transformers import Phi3Config
+
+        hf = Phi3Config(**{k: v for k, v in config.items() if k != "phi3_export_fixture"})
+        hf._attn_implementation = "eager"  # explicit mask below: same numbers on every machine
+        return hf
+
+    @classmethod
+    def calibration_layer(cls, config: dict[str, Any], index: int):
+        from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer
+
+        return Phi3DecoderLayer(cls._hf_config(config), index).eval()
+
+    @classmethod
+    def calibration_inputs(cls, config: dict[str, Any], seq_len: int) -> dict[str, Any]:
+        import torch
+        from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+        hf = cls._hf_config(config)
+        positions = torch.arange(seq_len)[None, :]
+        cos, sin = Phi3RotaryEmbedding(hf)(torch.zeros(1, dtype=torch.float32), positions)
+        query, key = torch.arange(seq_len)[:, None], torch.arange(seq_len)[None, :]
+        visible = key <= query
+        if hf.sliding_window is not None:
+            visible &= key > query - hf.sliding_window
+        mask = torch.zeros(seq_len, seq_len).masked_fill(~visible, float("-inf"))[None, None]
+        return {"position_embeddings": (cos, sin), "attention_mask": mask, "position_ids": positions}
 
     @classmethod
     def rope_tables(cls, config: dict[str, Any]) -> dict[str, Any]:

@@ -113,6 +113,10 @@ class Checkpoint:
     def dtype_name(self, name: str) -> str:
         return self._require(name)["dtype"]
 
+    def torch_dtype(self, name: str) -> torch.dtype:
+        table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+        return table.get(self.dtype_name(name), torch.float32)
+
     def _require(self, name: str) -> dict[str, Any]:
         try:
             return self._headers[name]

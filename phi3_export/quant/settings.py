@@ -32,6 +32,9 @@ class QuantSettings:
             flag = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "options"
             raise Phi3ExportError(f"{flag}: {err['msg']}") from None
         values = {k: getattr(merged, k) for k in ("bits", "method", "block_size", "symmetric", "accuracy_level")}
+        if merged.bits not in (4, 8):
+            # Unquantized exports keep every tensor float: precision overrides do not apply.
+            return cls(overrides={}, **values)
         return cls(overrides=dict(merged.overrides), **values)
 
     @property

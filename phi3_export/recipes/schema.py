@@ -63,6 +63,16 @@ class ModelFacts(Strict):
         return self
 
 
+class AwqSettings(Strict):
+    """Calibration and search settings of --method awq."""
+
+    samples: int = Field(default=32, gt=0)
+    seqlen: int = Field(default=256, ge=16)
+    seed: int = 0
+    alpha_grid: int = Field(default=20, ge=1)
+    clip: bool = True
+
+
 class Quantization(Strict):
     bits: Literal[4, 8, 16, 32] = 4
     method: Literal["rtn", "awq"] = "rtn"
@@ -71,6 +81,7 @@ class Quantization(Strict):
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
     # Tensors kept at another precision than `bits`, by registry role (e.g. lm_head: int8).
     overrides: dict[str, Precision] = Field(default_factory=dict)
+    awq: AwqSettings = AwqSettings()
 
     @field_validator("block_size")
     @classmethod

@@ -110,7 +110,7 @@ class DecoderEmitter:
         return onnx_name
 
     # ---- building blocks --------------------------------------------------------------
-    def matmul_nbits_inputs(self, tensor: str, base: str) -> tuple[list[str], dict]:
+    def matmul_nbits_inputs(self, tensor: str, base: str, explicit_zero_points: bool = False) -> tuple[list[str], dict]:
         info = self.q.info(tensor)
         bits, block = info["bits"], info["block_size"]
         rows, cols = info["shape"]
@@ -128,7 +128,7 @@ class DecoderEmitter:
             self.weight(f"{base}.weight_scales", scales.numpy().astype(self.io)),
         ]
         # MatMulNBits' default zero point is 2**(bits-1): omit the input when every block uses it.
-        if not torch.all(zeros == 2 ** (bits - 1)):
+        if explicit_zero_points or not torch.all(zeros == 2 ** (bits - 1)):
             zp = zeros if bits == 8 else pack_codes(zeros, 4)
             inputs.append(self.weight(f"{base}.weight_zp", zp.numpy()))
         return inputs, {"K": cols, "N": rows, "bits": bits, "block_size": block}
@@ -173,8 +173,9 @@ class DecoderEmitter:
     def embedding(self) -> str:
         name = self.arch.embed
         if self.q.is_quantized(name):
-            # Tied int4: the LM head's MatMulNBits table, gathered row-wise.
-            inputs, attrs = self.matmul_nbits_inputs(name, "lm_head.MatMul")
+            # Tied: the LM head's MatMulNBits table (4 or 8 bits), gathered row-wise. Zero points
+            # are always given: GatherBlockQuantized's default differs from MatMulNBits' for 8 bits.
+            inputs, attrs = self.matmul_nbits_inputs(name, "lm_head.MatMul", explicit_zero_points=True)
             self.tied_lm_head_inputs = (inputs, attrs)
             flat = self.node("Reshape", [inputs[0], self.const([self.s.vocab, -1])], "/model/embed_tokens/Reshape")[0]
             gather_inputs = [flat, "input_ids", inputs[1]] + inputs[2:]

@@ -1,0 +1,113 @@
+"""AWQ: folding is exact, the search is deterministic, its output exports and runs, it streams."""
+
+import json
+import sys
+
+import numpy as np
+import onnxruntime_genai as og
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from phi3_export.arch import architecture
+from phi3_export.checkpoint import Checkpoint
+from phi3_export.memory import run_measured
+from phi3_export.quant.awq import expand_scale, fold_scale
+
+
+@pytest.mark.parametrize("recipe", ["phi-3-mini-4k", "phi-3-medium-4k", "phi-4-mini"])
+def test_folding_every_group_leaves_logits_unchanged(recipe, fixture_dir):
+    # Random positive scales in every declared group, V->o_proj under GQA included.
+    folder = fixture_dir(recipe)
+    ckpt = Checkpoint(folder)
+    arch = architecture("Phi3ForCausalLM")
+    facts = arch.facts_from_config(ckpt.config, ckpt.tokenizer_kind)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    state = model.state_dict()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for i in range(facts.num_layers):
+            weights = {role: state[arch.layer_tensor(role, i)] for role in (*arch.layer_norms, *arch.layer_linears)}
+            for group in arch.scaling_groups:
+                channels = weights[group.linears[0]].shape[1]
+                if group.kv_shared:
+                    channels = facts.num_kv_heads * facts.head_dim
+                s = torch.exp(torch.randn(channels, generator=gen) * 0.5)
+                assert expand_scale(group, s, facts).shape[0] == weights[group.linears[0]].shape[1]
+                fold_scale(weights, group, s, arch, facts)  # in place, on the model's own tensors
+        after = model(ids).logits
+    assert (after - before).abs().max() <= 1e-4
+    changed = state[arch.layer_tensor("o_proj", 0)]
+    assert not torch.allclose(changed, AutoModelForCausalLM.from_pretrained(folder).state_dict()[arch.layer_tensor("o_proj", 0)])
+
+
+def test_awq_exports_and_generates_deterministically(fixture_dir, tmp_path):
+    from phi3_export.api import quantize
+
+    folder = fixture_dir("phi-3-medium-4k", train_steps=150)
+    manifests = [quantize(folder, tmp_path / f"out{k}", method="awq", targets=("cpu",), block_size=32, calib_samples=8,
+                          calib_seqlen=64) for k in (0, 1)]
+    files = [{f["path"]: f["sha256"] for a in m["artifacts"] for f in a["files"]} for m in manifests]
+    assert files[0] == files[1]
+    assert manifests[0]["artifacts"][0]["name"] == "phi-3-medium-4k-awq-w4g32s-onnx-cpu"
+    model = og.Model(str(tmp_path / "out0" / "onnx-cpu"))
+    tokenizer = og.Tokenizer(model)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=40)
+    generator = og.Generator(model, params)
+    prompt = tokenizer.apply_chat_template(json.dumps([{"role": "user", "content": "Explain for."}]), add_generation_prompt=True)
+    generator.append_tokens(tokenizer.encode(prompt))
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert len(generator.get_sequence(0)) > len(tokenizer.encode(prompt))
+    assert not list(tmp_path.glob(".out*"))  # the resumable work folder is gone after success
+
+
+def test_interrupted_awq_resumes_from_last_finished_layer(fixture_dir, tmp_path, monkeypatch):
+    from phi3_export import api
+    from phi3_export.quant import awq
+
+    folder = fixture_dir("phi-3-mini-4k", layers=3)
+    kwargs = dict(method="awq", targets=("cpu",), calib_samples=4, calib_seqlen=32)
+    reference = api.quantize(folder, tmp_path / "ref", **kwargs)
+
+    calls = []
+    real = awq.awq_layer
+
+    def crash_on_third(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(awq, "awq_layer", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        api.quantize(folder, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+    assert json.loads((tmp_path / ".out.awq-work" / "awq_state.json").read_text())["layers_done"] == 2
+    calls.clear()
+    monkeypatch.setattr(awq, "awq_layer", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed = api.quantize(folder, tmp_path / "out", **kwargs)
+    assert len(calls) == 1  # only the unfinished third layer ran again
+    digest = lambda m: {f["path"]: f["sha256"] for a in m["artifacts"] for f in a["files"]}  # noqa: E731
+    assert digest(resumed) == digest(reference)
+
+
+def test_awq_memory_flat_in_layer_count(tmp_path):
+    from phi3_export.fixtures.tiny import make_fixture
+    from phi3_export.recipes import load_recipe
+
+    peaks = {}
+    for layers in (4, 24):
+        checkpoint = tmp_path / f"ckpt{layers}"
+        make_fixture(load_recipe("phi-3-mini-4k"), checkpoint, layers=layers, hidden=1024, dtype=torch.bfloat16)
+        result = run_measured([sys.executable, "-m", "phi3_export", "quantize", "--checkpoint", str(checkpoint), "--out",
+                               str(tmp_path / f"out{layers}"), "--method", "awq", "--target", "cpu", "--calib-samples", "2",
+                               "--calib-seqlen", "32", "--quiet"], interval_s=0.005)
+        assert result.returncode == 0, result.stderr
+        peaks[layers] = result.peak_rss_anon_mb
+    assert peaks[24] <= 1.3 * peaks[4], peaks
+    assert np.isfinite(peaks[4])
