@@ -71,7 +71,7 @@ def test_interrupted_awq_resumes_from_last_finished_layer(fixture_dir, tmp_path,
     from phi3_export.quant import awq
 
     folder = fixture_dir("phi-3-mini-4k", layers=3)
-    kwargs = dict(method="awq", targets=("cpu",), calib_samples=4, calib_seqlen=32)
+    kwargs = {"method": "awq", "targets": ("cpu",), "calib_samples": 4, "calib_seqlen": 32}
     reference = api.quantize(folder, tmp_path / "ref", **kwargs)
 
     calls = []
@@ -92,7 +92,7 @@ def test_interrupted_awq_resumes_from_last_finished_layer(fixture_dir, tmp_path,
     monkeypatch.setattr(awq, "awq_layer", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     resumed = api.quantize(folder, tmp_path / "out", **kwargs)
     assert len(calls) == 1  # only the unfinished third layer ran again
-    digest = lambda m: {f["path"]: f["sha256"] for a in m["artifacts"] for f in a["files"]}  # noqa: E731
+    digest = lambda m: {f["path"]: f["sha256"] for a in m["artifacts"] for f in a["files"]}
     assert digest(resumed) == digest(reference)
 
 

@@ -51,7 +51,8 @@ class Architecture:
     # How the fused projections split: role -> ordered (part, size-field) list.
     fused: ClassVar[dict[str, tuple[str, ...]]]
     scaling_groups: ClassVar[tuple[ScalingGroup, ...]]
-    no_clip: ClassVar[tuple[str, ...]] = ()
+    # Parts of fused linears whose rows the clip search leaves alone: role -> parts.
+    no_clip: ClassVar[dict[str, tuple[str, ...]]] = {}
     rope_kinds: ClassVar[tuple[str, ...]]
     mlp_activation: ClassVar[str]
 

@@ -44,8 +44,9 @@ class Phi3(Architecture):
         # V rows feed o_proj; under GQA one V channel feeds several heads' columns.
         ScalingGroup(prev="qkv_proj", prev_rows="v", linears=("o_proj",), kv_shared=True),
     )
-    # qkv_proj is not clip-searched: clipping q/k rows distorts attention scores (AWQ paper's practice).
-    no_clip = ("qkv_proj",)
+    # Q and K rows are not clip-searched: their error shows in attention scores, not in the
+    # linear's output the clip search scores (AutoAWQ's practice too); V rows are.
+    no_clip: ClassVar[dict[str, tuple[str, ...]]] = {"qkv_proj": ("q", "k")}
     rope_kinds = ("default", "longrope")
     mlp_activation = "silu"
 

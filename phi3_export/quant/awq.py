@@ -115,7 +115,9 @@ def search_scale(group: ScalingGroup, x: torch.Tensor, weights: list[torch.Tenso
     stat = channel_stat(group, x, facts)
     # Activation and weight magnitudes both (AutoAWQ's "duo scaling"): s = x^a / w^(1-a).
     w_stat = weight_stat(group, w, settings.block_size, facts)
-    best_s, best_err, best_alpha = torch.ones_like(stat), math.inf, 0.0
+    # Start from no scaling at all, so the search never does worse than plain RTN on its score.
+    best_s, best_alpha = torch.ones_like(stat), None
+    best_err = score([_fake_quant(wi, settings, bits) for wi in weights])
     for k in range(grid):
         alpha = k / grid
         s = (stat.pow(alpha) / w_stat.pow(1 - alpha).clamp(min=1e-4)).clamp(min=1e-4)
@@ -289,12 +291,15 @@ def awq_layer(weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
         alphas[f"{group.prev}->{'+'.join(group.linears)}"] = alpha
     if options.clip:
         for role in arch.layer_linears:
-            if role in arch.no_clip:
-                continue
             x = _subsample(flat[role], options.clip_tokens, seed + 1)
             if role in input_scale:
                 x = x / input_scale[role][None, :]
-            weights[role] = search_clip(x, weights[role], settings, bits, options)
+            skipped = arch.no_clip.get(role, ())
+            for part in arch.fused.get(role, (None,)) if skipped else (None,):
+                if part in skipped:
+                    continue
+                rows = arch.rows_of(role, part, facts) if part else slice(None)
+                weights[role][rows] = search_clip(x, weights[role][rows], settings, bits, options)
     return alphas
 
 

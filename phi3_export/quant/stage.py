@@ -6,9 +6,9 @@ quant/awq.py. Both write the same quantized checkpoint, which every exporter rea
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
