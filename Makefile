@@ -20,12 +20,14 @@ test: setup
 lint: setup
 	$(BIN)/ruff check phi3_export tests benchmarks
 
-# Not run by CI (about 25 min): ours vs the ORT-GenAI builder (speed, memory) and
-# fp32/RTN/AWQ/builder accuracy on SmolLM2-135M in Phi-3 layout; JSON under build/bench/.
+# Not run by CI (about 40 min): ours vs the ORT-GenAI builder (speed, memory),
+# fp32/RTN/AWQ/builder accuracy on SmolLM2-135M in Phi-3 layout, and `validate` on those
+# artifacts; JSON under build/bench/.
 bench: setup
 	$(BIN)/pip install -q -e '.[dev,fixtures]'
 	$(BIN)/python benchmarks/bench_export.py --out build/bench
 	$(BIN)/python benchmarks/bench_awq.py --out build/bench
+	$(BIN)/python benchmarks/bench_validate.py --out build/bench
 
 # The main job end to end on a built-in tiny checkpoint: no network, about a minute.
 demo: setup

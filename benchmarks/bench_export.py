@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -26,6 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from phi3_export.machine import machine
 from phi3_export.memory import run_measured
 from phi3_export.versions import library_versions, tool_version
 
@@ -123,16 +122,6 @@ def accuracy(work: Path, block: int, level: int, train_steps: int) -> dict:
     results[f"builder_int4_g{block}s"] = perplexity(OrtDecoder(builder), ids)
     return {"checkpoint": "phi-3-mini-4k fixture, 4 layers, hidden 256, trained", "train_steps": train_steps,
             "eval_tokens": len(ids), "window": 256, "perplexity": {k: round(v, 4) for k, v in results.items()}}
-
-
-def machine() -> dict:
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(mem / 2**30, 1), "python": platform.python_version()}
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ def main() -> None:
     Typical use:
       phi3-export fixture --recipe phi-3-mini-4k --out tiny/      # a tiny test checkpoint
       phi3-export quantize --checkpoint tiny/ --bits 4 --out out/  # int4 ONNX for onnxruntime-genai
+      phi3-export validate out/ --reference tiny/ --json result.json
       phi3-export recipes list
     """
 
@@ -147,6 +148,62 @@ def chat(artifact, prompt, max_new_tokens):
     click.echo(f"user: {prompt}\nassistant: {result.text}")
     click.echo(f"({result.new_tokens} tokens, first after {result.time_to_first_token_s * 1000:.0f} ms, "
                f"{result.decode_tokens_per_s:.0f} tokens/s)", err=True)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--reference", required=True, type=click.Path(path_type=Path),
+              help="The unquantized checkpoint folder the artifacts came from (run in fp32 torch, layer by layer).")
+@click.option("--eval-text", type=click.Path(path_type=Path), help="UTF-8 text for perplexity/KLD (default: the corpus' eval part).")
+@click.option("--providers", help="Comma-separated: cpu, dml, xnnpack, coreml, nnapi, qnn (default: each artifact's own).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write all records to this file.")
+@click.option("--window", default=512, show_default=True, help="Tokens per perplexity/KLD window.")
+@click.option("--stride", type=int, help="Tokens between window starts (default: --window, non-overlapping).")
+@click.option("--prompt-lengths", default="128,1024", show_default=True, help="Prompt lengths for prefill speed.")
+@click.option("--new-tokens", default=128, show_default=True, help="Tokens generated for decode speed.")
+@click.option("--runs", default=3, show_default=True, help="Timed runs per figure (after one warm-up); median, min, max.")
+@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: one per core).")
+@click.option("--no-speed", is_flag=True, help="Accuracy and checks only.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Reference-logit cache (default: ~/.cache/phi3-export/reference).")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def validate(path, reference, eval_text, providers, json_path, window, stride, prompt_lengths, new_tokens, runs, threads,
+             no_speed, cache_dir, quiet):
+    """Measure artifacts against the unquantized checkpoint: accuracy, speed, memory.
+
+    PATH is an OUT folder (every artifact in its manifest.json) or one artifact folder.
+    One record per (artifact, execution provider): perplexity of both on the same ids,
+    KL divergence of the next-token distributions (mean, p99) and top-1 agreement,
+    tokenizer parity, where greedy chat generations part ways, long-context probes,
+    prefill/decode tokens/s and time to first token (median of --runs) and the peak
+    memory of the process that ran them. Providers this onnxruntime lacks are recorded
+    as "not run" with the reason, beside the checks that need no provider.
+
+    \b
+    Exit status: 0 when every check holds, 1 when one fails (listed), 2 on bad input.
+    """
+    import json
+
+    from phi3_export.progress import Progress
+    from phi3_export.validate.run import ValidateOptions, failed_checks, table, validate_artifacts
+
+    options = ValidateOptions(
+        providers=_csv(providers), eval_text=eval_text, window=window, stride=stride,
+        prompt_lengths=tuple(int(n) for n in _csv(prompt_lengths) or ()), new_tokens=new_tokens, runs=runs,
+        threads=threads, speed=not no_speed,
+    )
+    if cache_dir:
+        options.cache_dir = cache_dir
+    result = validate_artifacts(path, reference, options, Progress(enabled=not quiet))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = json_path.with_name(f".{json_path.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(json_path)
+    click.echo(table(result))
+    failed = failed_checks(result)
+    if failed:
+        click.echo("checks failed:\n  " + "\n  ".join(failed), err=True)
+        sys.exit(1)
 
 
 @main.group()

@@ -10,13 +10,13 @@ import onnxruntime as ort
 
 
 class OrtDecoder:
-    def __init__(self, folder: Path, threads: int = 0):
+    def __init__(self, folder: Path, threads: int = 0, providers: list[str] | None = None):
         folder = Path(folder)
         cfg = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
         self.layers, self.kv_heads, self.head_dim = cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_size"]
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads  # 0: ONNX Runtime's default, one per core
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=providers or ["CPUExecutionProvider"])
         self.dtype = np.float16 if self.session.get_inputs()[2].type == "tensor(float16)" else np.float32
 
     def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
