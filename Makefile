@@ -29,12 +29,16 @@ bench: setup
 	$(BIN)/python benchmarks/bench_awq.py --out build/bench
 	$(BIN)/python benchmarks/bench_validate.py --out build/bench
 
-# The main job end to end on a built-in tiny checkpoint: no network, about a minute.
+# The main job end to end on a built-in tiny checkpoint: quantize, chat, validate, report.
+# No network, about a minute and a half.
 demo: setup
 	rm -rf $(DEMO)
 	$(BIN)/phi3-export fixture --recipe phi-3-mini-4k --train-steps 300 --hidden 128 --out $(DEMO)/checkpoint
 	$(BIN)/phi3-export quantize --checkpoint $(DEMO)/checkpoint --bits 4 --out $(DEMO)/out
 	$(BIN)/phi3-export chat $(DEMO)/out/onnx-cpu --prompt "What does the for statement do?"
+	$(BIN)/phi3-export validate $(DEMO)/out --reference $(DEMO)/checkpoint --json $(DEMO)/validate.json \
+		--prompt-lengths 128 --new-tokens 32 --cache-dir $(DEMO)/cache
+	$(BIN)/phi3-export report $(DEMO)/validate.json --out $(DEMO)/report
 
 clean:
 	rm -rf build

@@ -41,8 +41,8 @@ def export_ours(ckpt: Path, out: Path, block: int, level: int) -> dict:
 
 def export_builder(ckpt: Path, out: Path, block: int, level: int, precision: str = "int4") -> dict:
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o", str(out), "-p", precision,
-           "-e", "cpu", "-c", str(out) + "-cache", "--extra_options", f"int4_block_size={block}",
-           f"int4_accuracy_level={level}", "int4_is_symmetric=true"]
+           "-e", "cpu", "-c", str(out) + "-cache", "--extra_options", f"block_size={block}",
+           f"accuracy_level={level}", "is_symmetric=true"]
     r = run_measured(cmd)
     shutil.rmtree(str(out) + "-cache", ignore_errors=True)
     if r.returncode:

@@ -206,6 +206,94 @@ def validate(path, reference, eval_text, providers, json_path, window, stride, p
         sys.exit(1)
 
 
+def _gate_options(f):
+    for option in reversed((
+        click.option("--baseline", type=click.Path(path_type=Path),
+                     help="A previous report.json or validate result: exit 1 if any artifact of the same name got worse."),
+        click.option("--max-kld-increase", type=float, help="Absolute rise of mean KLD allowed (recipe default 0.01)."),
+        click.option("--max-ppl-increase-pct", type=float, help="Perplexity rise allowed, percent (recipe default 2)."),
+        click.option("--max-size-increase-pct", type=float, help="Size growth allowed, percent (recipe default 1)."),
+        click.option("--min-decode-tps-ratio", type=float,
+                     help="Decode tok/s may fall to this fraction of the baseline, same machine only (recipe default 0.8)."),
+    )):
+        f = option(f)
+    return f
+
+
+def _finish_report(doc: dict, out: Path) -> None:
+    click.echo(f"report: {out / 'report.md'}  {out / 'report.html'}  {out / 'report.json'}")
+    for note in doc["notes"]:
+        click.echo(f"note: {note}", err=True)
+    if doc["regressions"]:
+        click.echo(f"{len(doc['regressions'])} regression(s) against {doc['baseline']}:\n  " + "\n  ".join(doc["regressions"]),
+                   err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("records", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for report.json, report.md, report.html.")
+@_gate_options
+def report(records, out, baseline, max_kld_increase, max_ppl_increase_pct, max_size_increase_pct, min_decode_tps_ratio):
+    """Accuracy-vs-size report from `validate` results; with --baseline, a CI gate.
+
+    RECORDS are validate --json files (any number of artifacts, methods, bits, targets).
+    Writes report.md (a table for a pull request), report.html (the table and the
+    accuracy-vs-size plot, Pareto front marked, opens offline) and report.json (stable
+    schema; it keeps the records, so it can be the next run's --baseline).
+
+    \b
+    With --baseline each artifact is compared with the one of the same name: mean KLD,
+    perplexity, size, and decode tok/s (only between records from the same machine).
+    Thresholds: the flags, else the artifact's recipe `report:` section, else the defaults.
+    Exit status: 0, or 1 listing every regression, or 2 on bad input.
+    """
+    from phi3_export.report import build_report
+
+    overrides = {"max_kld_increase": max_kld_increase, "max_ppl_increase_pct": max_ppl_increase_pct,
+                 "max_size_increase_pct": max_size_increase_pct, "min_decode_tps_ratio": min_decode_tps_ratio}
+    _finish_report(build_report(list(records), out, baseline=baseline, overrides=overrides), out)
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="Local Hugging Face folder.")
+@click.option("--recipe", help="Recipe name or path (default: matched from the checkpoint).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder: runs/<point>/ artifacts and report/.")
+@click.option("--methods", default="rtn,awq", show_default=True, help="Comma-separated: rtn, awq.")
+@click.option("--block-sizes", default="32,128", show_default=True, help="Comma-separated block sizes.")
+@click.option("--symmetric", "symmetric", default="yes", show_default=True, type=click.Choice(["yes", "no", "both"]))
+@click.option("--target", "targets", default="cpu", show_default=True, help="Comma-separated targets to export and validate.")
+@click.option("--eval-text", type=click.Path(path_type=Path), help="UTF-8 text for perplexity/KLD (default: the corpus' eval part).")
+@click.option("--runs", default=3, show_default=True, help="Timed runs per speed figure.")
+@click.option("--no-speed", is_flag=True, help="Accuracy only.")
+@_gate_options
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def sweep(checkpoint, recipe, out, methods, block_sizes, symmetric, targets, eval_text, runs, no_speed, baseline,
+          max_kld_increase, max_ppl_increase_pct, max_size_increase_pct, min_decode_tps_ratio, quiet):
+    """Quantize -> validate -> report over a grid of methods, block sizes and symmetry.
+
+    One command for the accuracy-vs-size picture of a model: every grid point is exported
+    to OUT/runs/<method>-g<block><s|a>/ and validated against the checkpoint; the report
+    lands in OUT/report/.
+    """
+    from phi3_export.progress import Progress
+    from phi3_export.sweep import grid
+    from phi3_export.sweep import sweep as run_sweep
+    from phi3_export.validate.run import ValidateOptions
+
+    try:
+        sizes = tuple(int(b) for b in _csv(block_sizes) or ())
+    except ValueError:
+        raise Phi3ExportError(f"--block-sizes: expected comma-separated integers, not {block_sizes!r}") from None
+    points = grid(_csv(methods) or (), sizes, symmetric)
+    options = ValidateOptions(eval_text=eval_text, runs=runs, speed=not no_speed)
+    overrides = {"max_kld_increase": max_kld_increase, "max_ppl_increase_pct": max_ppl_increase_pct,
+                 "max_size_increase_pct": max_size_increase_pct, "min_decode_tps_ratio": min_decode_tps_ratio}
+    doc = run_sweep(checkpoint, out, recipe=recipe, points=points, targets=_csv(targets), validate_options=options,
+                    progress=Progress(enabled=not quiet), baseline=baseline, overrides=overrides)
+    _finish_report(doc, out / "report")
+
+
 @main.group()
 def recipes() -> None:
     """List and show the shipped recipes."""

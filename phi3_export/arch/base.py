@@ -65,6 +65,11 @@ class Architecture:
         raise NotImplementedError
 
     @classmethod
+    def weight_count(cls, facts: ModelFacts) -> int:
+        """Weights of the whole model (tied tables once): what bits per weight divides by."""
+        raise NotImplementedError
+
+    @classmethod
     def rows_of(cls, role: str, part: str, facts: ModelFacts) -> slice:
         """The rows of fused weight ``role`` that hold ``part`` (e.g. the V rows of qkv_proj)."""
         sizes = cls.part_sizes(facts)

@@ -82,6 +82,14 @@ class Phi3(Architecture):
         return {"q": q, "k": kv, "v": kv, "gate": facts.intermediate_size, "up": facts.intermediate_size}
 
     @classmethod
+    def weight_count(cls, facts: ModelFacts) -> int:
+        h, parts = facts.hidden_size, cls.part_sizes(facts)
+        attention = h * (parts["q"] + parts["k"] + parts["v"]) + parts["q"] * h
+        mlp = h * (parts["gate"] + parts["up"]) + parts["up"] * h
+        table = facts.vocab_size * h
+        return facts.num_layers * (attention + mlp + 2 * h) + h + table * (1 if facts.tie_word_embeddings is True else 2)
+
+    @classmethod
     def _hf_config(cls, config: dict[str, Any]):
         from transformers import Phi3Config
 

@@ -256,9 +256,24 @@ def _speed(artifact: Artifact, provider: str, ref: Reference, options: ValidateO
     return speed, memory
 
 
+def _weight_count(manifest: dict) -> int | None:
+    """Weights in the model (from the manifest's facts): the denominator of bits per weight."""
+    from phi3_export.arch import architecture
+    from phi3_export.recipes.schema import ModelFacts
+
+    try:
+        facts = ModelFacts(**manifest["model"])
+        return architecture(facts.architecture).weight_count(facts)
+    except (KeyError, TypeError, ValueError, Phi3ExportError):
+        return None
+
+
 def validate_artifacts(path: Path, reference: Path, options: ValidateOptions, progress: Progress) -> dict:
     import onnxruntime as ort
 
+    unknown = [p for p in options.providers or () if p not in ORT_PROVIDERS]
+    if unknown:
+        raise Phi3ExportError(f"--providers: unknown provider {unknown[0]!r}; choose from {', '.join(ORT_PROVIDERS)}")
     artifacts = find_artifacts(path)
     text, text_name = _eval_text(options)
     ref = Reference(reference, text, text_name, options)
@@ -267,8 +282,11 @@ def validate_artifacts(path: Path, reference: Path, options: ValidateOptions, pr
               "reference": ref.describe()}
     records = []
     for artifact in artifacts:
+        manifest = artifact.manifest
         base = {"artifact": artifact.name, "path": str(artifact.folder), "format": artifact.entry.get("format"),
-                "target": artifact.entry.get("target"), "size_bytes": artifact.entry.get("size_bytes")}
+                "target": artifact.entry.get("target"), "size_bytes": artifact.entry.get("size_bytes"),
+                "recipe": (manifest.get("recipe") or {}).get("name"), "settings": manifest.get("settings"),
+                "weights": _weight_count(manifest)}
         if artifact.entry.get("format") != "onnx":
             records.append({**base, "provider": None, "status": "not run",
                             "reason": f"format {artifact.entry.get('format')!r}: validate runs ONNX artifacts", **common})
@@ -279,10 +297,8 @@ def validate_artifacts(path: Path, reference: Path, options: ValidateOptions, pr
         checks.append({"name": "tokenizer_parity", "passed": parity["passed"],
                        "detail": "ids and chat template identical" if parity["passed"] else "tokenizers differ (see tokenizer)"})
         for provider in _providers_for(artifact, options):
-            ep = ORT_PROVIDERS.get(provider)
+            ep = ORT_PROVIDERS.get(provider, provider)  # a manifest may name one we do not know: "not run" below
             record = {**base, "provider": provider, "execution_provider": ep, "checks": checks, "tokenizer": parity}
-            if ep is None:
-                raise Phi3ExportError(f"--providers: unknown provider {provider!r}; choose from {', '.join(ORT_PROVIDERS)}")
             if ep not in available:
                 reason = WHY_MISSING.get(provider, f"{ep} is not in this onnxruntime build")
                 records.append({**record, "status": "not run", "reason": f"{reason} (available here: {', '.join(sorted(available))})",

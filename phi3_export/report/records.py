@@ -1,0 +1,100 @@
+"""Validate result files in, one row per (artifact, provider) out."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from phi3_export.errors import Phi3ExportError
+
+SUPPORTED_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class Row:
+    """The figures a report shows and gates on, from one validate record."""
+
+    artifact: str
+    provider: str | None
+    status: str
+    reason: str | None
+    target: str | None
+    size_bytes: int | None
+    bits_per_weight: float | None
+    perplexity_reference: float | None
+    perplexity: float | None
+    perplexity_change_pct: float | None
+    kld_mean: float | None
+    kld_p99: float | None
+    top1_agreement: float | None
+    prefill_tps: float | None
+    decode_tps: float | None
+    ttft_s: float | None
+    peak_rss_anon_mb: float | None
+    machine: dict
+    source: str
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        return (self.artifact, self.provider)
+
+
+def _first_speed(speed: dict | None) -> dict:
+    """The shortest measured prompt length's figures (records list them by length)."""
+    measured = [(int(k), v) for k, v in (speed or {}).items() if isinstance(v, dict) and "prefill_tokens_per_s" in v]
+    return min(measured)[1] if measured else {}
+
+
+def _median(stat: dict | None) -> float | None:
+    return stat.get("median") if isinstance(stat, dict) else None
+
+
+def row_from_record(record: dict, source: str) -> Row:
+    accuracy = record.get("accuracy") or {}
+    speed = _first_speed(record.get("speed"))
+    size, weights = record.get("size_bytes"), record.get("weights")
+    return Row(
+        artifact=record["artifact"], provider=record.get("provider"), status=record["status"], reason=record.get("reason"),
+        target=record.get("target"), size_bytes=size,
+        bits_per_weight=8 * size / weights if size and weights else None,
+        perplexity_reference=accuracy.get("perplexity_reference"), perplexity=accuracy.get("perplexity_artifact"),
+        perplexity_change_pct=accuracy.get("perplexity_change_pct"), kld_mean=accuracy.get("kld_mean"),
+        kld_p99=accuracy.get("kld_p99"), top1_agreement=accuracy.get("top1_agreement"),
+        prefill_tps=_median(speed.get("prefill_tokens_per_s")), decode_tps=_median(speed.get("decode_tokens_per_s")),
+        ttft_s=_median(speed.get("time_to_first_token_s")),
+        peak_rss_anon_mb=(record.get("memory") or {}).get("peak_rss_anon_mb"),
+        machine=record.get("machine") or {}, source=source,
+    )
+
+
+def read_records(path: Path) -> list[dict]:
+    """Records of a validate result file, or of a report.json (used as a baseline)."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise Phi3ExportError(f"{path}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise Phi3ExportError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Phi3ExportError(f"{path}: cannot read ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("records"), list):
+        raise Phi3ExportError(f"{path}: not a validate result (expected an object with a 'records' list)")
+    if doc.get("schema_version") != SUPPORTED_SCHEMA:
+        raise Phi3ExportError(f"{path}: schema_version {doc.get('schema_version')!r}, this tool reads {SUPPORTED_SCHEMA}")
+    for i, record in enumerate(doc["records"]):
+        if not isinstance(record, dict) or "artifact" not in record or "status" not in record:
+            raise Phi3ExportError(f"{path}: record {i} has no 'artifact'/'status' (not a validate record)")
+    return doc["records"]
+
+
+def load_rows(paths: list[Path]) -> list[Row]:
+    if not paths:
+        raise Phi3ExportError("report: give at least one validate result file")
+    rows: dict[tuple, Row] = {}
+    for path in paths:
+        for record in read_records(path):
+            row = row_from_record(record, str(path))
+            rows[row.key] = row  # a later file's record of the same artifact and provider wins
+    return list(rows.values())
