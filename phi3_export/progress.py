@@ -17,6 +17,10 @@ class Progress:
         if self.enabled:
             print(text, file=sys.stderr, flush=True)
 
+    def warning(self, text: str) -> None:
+        """Always shown (also with --quiet): something the user should change."""
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+
     @contextmanager
     def task(self, label: str, total: int) -> Iterator[_Task]:
         if not self.enabled:

@@ -133,3 +133,13 @@ def test_fixture_command(tmp_path):
     config = json.loads((tmp_path / "fx" / "config.json").read_text())
     assert config["num_hidden_layers"] == 1 and config["phi3_export_fixture"]["recipe"] == "phi-3-medium-4k"
     assert _run("fixture", "--recipe", "phi-3-small-8k", "--out", tmp_path / "small").exit_code == 2
+
+
+def test_int8_weights_at_fp32_compute_warn_about_cpu_speed(fixture_dir, tmp_path):
+    # A tied table is int8 in the generic recipe; at accuracy level 1 that LM head is slow on CPU.
+    args = ("quantize", "--checkpoint", fixture_dir("phi-4-mini"), "--recipe", "phi-4-mini", "--target", "cpu", "--quiet",
+            "--lm-head", "int8")
+    slow = _run(*args, "--out", tmp_path / "slow", "--accuracy-level", "1")
+    assert slow.exit_code == 0 and "warning: int8 weights (lm_head) at accuracy level < 4 on target cpu" in slow.output
+    fast = _run(*args, "--out", tmp_path / "fast", "--accuracy-level", "4")
+    assert fast.exit_code == 0 and "warning" not in fast.output
