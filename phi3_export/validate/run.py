@@ -247,7 +247,8 @@ def _speed(artifact: Artifact, provider: str, ref: Reference, options: ValidateO
                "--json", str(result_file)]
         run = run_measured(cmd)
         if run.returncode:
-            raise Phi3ExportError(f"{artifact.folder}: speed run failed: {run.stderr.strip().splitlines()[-1:]}")
+            last = (run.stderr.strip().splitlines() or ["no output"])[-1]
+            raise Phi3ExportError(f"{artifact.folder}: speed run on {provider} failed: {last}")
         speed = json.loads(result_file.read_text())
     for n in skipped:
         speed[str(n)] = {"status": "not run", "reason": f"{n} + {options.new_tokens} tokens exceed max_length {max_length}"}
