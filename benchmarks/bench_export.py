@@ -16,7 +16,6 @@ import json
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from phi3_export.machine import machine
 from phi3_export.memory import run_measured
+from phi3_export.validate.speed import timed_generation
 from phi3_export.versions import library_versions, tool_version
 
 
@@ -56,23 +56,8 @@ def size_mb(folder: Path) -> float:
 
 
 def one_run(model, prompt_len: int, new_tokens: int) -> dict:
-    import onnxruntime_genai as og
-
     ids = np.random.RandomState(0).randint(10, 900, prompt_len).tolist()
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=prompt_len + new_tokens, min_length=prompt_len + new_tokens)
-    gen = og.Generator(model, params)
-    t0 = time.perf_counter()
-    gen.append_tokens(ids)
-    t1 = time.perf_counter()
-    gen.generate_next_token()
-    t2 = time.perf_counter()
-    steps = 1
-    while not gen.is_done():
-        gen.generate_next_token()
-        steps += 1
-    t3 = time.perf_counter()
-    return {"prefill_tps": prompt_len / (t1 - t0), "ttft_s": t2 - t0, "decode_tps": (steps - 1) / (t3 - t2)}
+    return timed_generation(model, ids, new_tokens)
 
 
 def speeds(artifacts: dict[str, str], prompt_len: int, new_tokens: int, repeats: int) -> dict:

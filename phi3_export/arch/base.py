@@ -92,6 +92,13 @@ class Architecture:
         raise NotImplementedError
 
     @classmethod
+    def loaded_layer(cls, config: dict[str, Any], index: int, weights: dict[str, Any]):
+        """``calibration_layer`` with its weights set from ``weights`` (role -> tensor)."""
+        layer = cls.calibration_layer(config, index)
+        layer.load_state_dict({f"{cls.module_path(role)}.weight": w for role, w in weights.items()})
+        return layer
+
+    @classmethod
     def calibration_inputs(cls, config: dict[str, Any], seq_len: int) -> dict[str, Any]:
         """Extra keyword inputs a calibration layer's forward needs (RoPE tables, mask)."""
         raise NotImplementedError

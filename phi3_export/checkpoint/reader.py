@@ -142,6 +142,12 @@ class Checkpoint:
             handle = self._open[shard] = safe_open(str(shard), framework="pt")
         return handle.get_slice(name)[start:stop].to(dtype)
 
+    def gather_rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` (any shape) of a 2-D table, fp32, reading only the distinct rows needed."""
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        rows = torch.stack([self.rows(name, int(t), int(t) + 1)[0] for t in unique])
+        return rows[inverse]
+
     def close(self) -> None:
         self._open.clear()
 

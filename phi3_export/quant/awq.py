@@ -331,13 +331,11 @@ def awq_quantize_checkpoint(
             stale.unlink()
         state.clear()
         tokens = calibration_tokens(ckpt, calibration_text, options)
-        x = ckpt.tensor(arch.embed)[tokens]  # the one whole-table read: embeddings are gathered once
+        x = ckpt.gather_rows(arch.embed, tokens)  # only the calibration tokens' rows, never the whole table
     with progress.task("awq", facts.num_layers - start) as task:
         for i in range(start, facts.num_layers):
-            prefix = arch.layer_prefix.format(i=i)
             weights = {role: ckpt.tensor(arch.layer_tensor(role, i)) for role in (*arch.layer_norms, *arch.layer_linears)}
-            layer = arch.calibration_layer(ckpt.config, i)
-            layer.load_state_dict({arch.layer_tensor(r, i).removeprefix(prefix): w for r, w in weights.items()})
+            layer = arch.loaded_layer(ckpt.config, i, weights)  # a copy: the search edits ``weights``
             inputs, y = _capture_inputs(layer, arch, x, extra)
             awq_layer(weights, inputs, arch, facts, settings, options, seed=options.seed + i, layer=layer, extra=extra)
             del inputs, layer

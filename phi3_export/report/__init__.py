@@ -41,8 +41,9 @@ def build_report(record_files: list[Path], out: Path, baseline: Path | None = No
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(p.name not in REPORT_FILES for p in out.iterdir())):
         raise Phi3ExportError(f"{out}: exists and is not a report folder; give a new or report-only --out")
-    rows = load_rows(record_files)
-    records = [r for path in record_files for r in read_records(path)]
+    read = {Path(path): read_records(path) for path in record_files}
+    rows = load_rows(read)
+    records = [r for file_records in read.values() for r in file_records]
     findings, notes = [], []
     if baseline is not None:
         base_rows = [row_from_record(r, str(baseline)) for r in read_records(baseline)]

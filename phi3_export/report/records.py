@@ -89,12 +89,13 @@ def read_records(path: Path) -> list[dict]:
     return doc["records"]
 
 
-def load_rows(paths: list[Path]) -> list[Row]:
-    if not paths:
+def load_rows(record_files: dict[Path, list[dict]]) -> list[Row]:
+    """Rows of already-read record files (``read_records``), in file order."""
+    if not record_files:
         raise Phi3ExportError("report: give at least one validate result file")
     rows: dict[tuple, Row] = {}
-    for path in paths:
-        for record in read_records(path):
+    for path, records in record_files.items():
+        for record in records:
             row = row_from_record(record, str(path))
             rows[row.key] = row  # a later file's record of the same artifact and provider wins
     return list(rows.values())

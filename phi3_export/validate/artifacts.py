@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from phi3_export.errors import Phi3ExportError
 
 
-@dataclass(frozen=True)
+@dataclass
 class Artifact:
     name: str
     folder: Path
     entry: dict  # the manifest's record: target, format, providers, max_length, files...
     manifest: dict
 
+    @cached_property
+    def genai_config(self) -> dict:
+        return _read_json(self.folder / "genai_config.json")
 
-def _manifest(path: Path) -> dict:
+    @property
+    def max_length(self) -> int:
+        return self.genai_config["search"]["max_length"]
+
+
+def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -34,7 +43,7 @@ def find_artifacts(path: Path) -> list[Artifact]:
         out, only = path.parent, path.name
     else:
         raise Phi3ExportError(f"{path}: no manifest.json here or in its parent (not a phi3-export output)")
-    manifest = _manifest(out / "manifest.json")
+    manifest = _read_json(out / "manifest.json")
     entries = manifest.get("artifacts")
     if not isinstance(entries, list):
         raise Phi3ExportError(f"{out / 'manifest.json'}: no 'artifacts' list")

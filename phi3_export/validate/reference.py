@@ -32,13 +32,11 @@ class StreamedReference:
         """Final-norm hidden states [n, seq, hidden] of equal-length ``sequences`` [n, seq]."""
         arch, ckpt, config = self.arch, self.ckpt, self.ckpt.config
         extra = arch.calibration_inputs(config, sequences.shape[1])
-        x = self._embed(sequences)
+        x = ckpt.gather_rows(arch.embed, sequences)
         with torch.no_grad():
             for i in range(self.facts.num_layers):
-                layer = arch.calibration_layer(config, i)
-                prefix = arch.layer_prefix.format(i=i)
-                names = [arch.layer_tensor(role, i) for role in (*arch.layer_norms, *arch.layer_linears)]
-                layer.load_state_dict({n.removeprefix(prefix): ckpt.tensor(n) for n in names})
+                roles = (*arch.layer_norms, *arch.layer_linears)
+                layer = arch.loaded_layer(config, i, {role: ckpt.tensor(arch.layer_tensor(role, i)) for role in roles})
                 x = torch.cat([layer(x[k : k + batch], **extra) for k in range(0, x.shape[0], batch)])
                 del layer
                 release_freed_memory()
@@ -46,12 +44,6 @@ class StreamedReference:
             eps = config.get("rms_norm_eps", 1e-5)
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm
         return x
-
-    def _embed(self, sequences: torch.Tensor) -> torch.Tensor:
-        """Embedding rows for the ids, read from the table without loading all of it."""
-        unique, inverse = torch.unique(sequences, return_inverse=True)
-        rows = torch.stack([self.ckpt.rows(self.arch.embed, int(t), int(t) + 1)[0] for t in unique])
-        return rows[inverse]
 
     def logits(self, hidden: torch.Tensor) -> Iterator[np.ndarray]:
         """fp32 logits [seq, vocab] for each sequence of final hidden states, LM head in row blocks."""

@@ -77,7 +77,8 @@ class Reference:
         self.ckpt = Checkpoint(self.folder)
         self.model = StreamedReference(self.ckpt)
         self.text, self.text_name = text, text_name
-        self.ids = tokenizer_parity.reference_ids(self.folder, text)
+        self.tokenizer = tokenizer_parity.reference_tokenizer(self.folder)
+        self.ids = list(self.tokenizer(text, add_special_tokens=False).input_ids)
         self.window = min(options.window, len(self.ids) - 1)
         self.stride = min(options.stride or options.window, self.window)
         self.windows = accuracy.windows(len(self.ids), self.window, self.stride)
@@ -134,10 +135,9 @@ def _providers_for(artifact: Artifact, options: ValidateOptions) -> tuple[str, .
 
 
 def _kv_bytes(artifact: Artifact, decoder_dtype: np.dtype, contexts: list[int]) -> dict:
-    cfg = json.loads((artifact.folder / "genai_config.json").read_text())
-    dec = cfg["model"]["decoder"]
+    dec = artifact.genai_config["model"]["decoder"]
     per_token = 2 * dec["num_hidden_layers"] * dec["num_key_value_heads"] * dec["head_size"] * np.dtype(decoder_dtype).itemsize
-    max_length = cfg["search"]["max_length"]
+    max_length = artifact.max_length
     return {"per_token": per_token, "at_max_length": per_token * max_length, "max_length": max_length,
             "at_measured": {str(c): per_token * c for c in contexts}}
 
@@ -202,7 +202,7 @@ def _probes(ref: Reference) -> list[tuple[str, int, int]]:
 
 def _long_context(decoder: OrtDecoder, artifact: Artifact, ref: Reference) -> list[dict]:
     """Artifact vs reference logits around each threshold, by prefill and by decode through the KV cache."""
-    max_length = json.loads((artifact.folder / "genai_config.json").read_text())["search"]["max_length"]
+    max_length = artifact.max_length
     out = []
     for kind, threshold, decode_from in _probes(ref):
         length = threshold + PROBE_MARGIN + 1
@@ -235,7 +235,7 @@ def _long_context(decoder: OrtDecoder, artifact: Artifact, ref: Reference) -> li
 
 
 def _speed(artifact: Artifact, provider: str, ref: Reference, options: ValidateOptions) -> tuple[dict, dict]:
-    max_length = json.loads((artifact.folder / "genai_config.json").read_text())["search"]["max_length"]
+    max_length = artifact.max_length
     lengths = [n for n in options.prompt_lengths if n + options.new_tokens <= max_length]
     skipped = [n for n in options.prompt_lengths if n not in lengths]
     with tempfile.TemporaryDirectory() as tmp:
@@ -293,8 +293,8 @@ def validate_artifacts(path: Path, reference: Path, options: ValidateOptions, pr
                             "reason": f"format {artifact.entry.get('format')!r}: validate runs ONNX artifacts", **common})
             continue
         progress.message(f"validate: {artifact.name}")
-        checks = structure.structural_checks(artifact.folder, artifact.entry)
-        parity = tokenizer_parity.check(artifact.folder, ref.folder, ref.text)
+        checks = structure.structural_checks(artifact.folder, artifact.genai_config, artifact.entry)
+        parity = tokenizer_parity.check(artifact.folder, ref.tokenizer, ref.text)
         checks.append({"name": "tokenizer_parity", "passed": parity["passed"],
                        "detail": "ids and chat template identical" if parity["passed"] else "tokenizers differ (see tokenizer)"})
         for provider in _providers_for(artifact, options):

@@ -27,6 +27,26 @@ def _stats(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
 
+def timed_generation(model, prompt: list[int], new_tokens: int) -> dict:
+    """One generation of exactly ``new_tokens`` after ``prompt``: prefill and decode rates, TTFT."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens)
+    generator = og.Generator(model, params)
+    t0 = time.perf_counter()
+    generator.append_tokens(prompt)
+    t1 = time.perf_counter()
+    generator.generate_next_token()
+    t2 = time.perf_counter()
+    steps = 0
+    while not generator.is_done() and steps < new_tokens - 1:
+        generator.generate_next_token()
+        steps += 1
+    t3 = time.perf_counter()
+    return {"prefill_tps": len(prompt) / (t1 - t0), "ttft_s": t2 - t0, "decode_tps": steps / (t3 - t2) if steps else None}
+
+
 def measure(artifact: Path, provider: str, prompt_ids: list[int], prompt_lengths: list[int], new_tokens: int, runs: int,
             threads: int) -> dict:
     import onnxruntime_genai as og
@@ -41,31 +61,12 @@ def measure(artifact: Path, provider: str, prompt_ids: list[int], prompt_lengths
     out = {}
     for length in prompt_lengths:
         prompt = (prompt_ids * (length // max(len(prompt_ids), 1) + 1))[:length]
-        prefill, ttft, decode = [], [], []
-        for run in range(runs + 1):  # run 0 warms up
-            params = og.GeneratorParams(model)
-            params.set_search_options(max_length=length + new_tokens, min_length=length + new_tokens)
-            generator = og.Generator(model, params)
-            t0 = time.perf_counter()
-            generator.append_tokens(prompt)
-            t1 = time.perf_counter()
-            generator.generate_next_token()
-            t2 = time.perf_counter()
-            steps = 0
-            while not generator.is_done() and steps < new_tokens - 1:
-                generator.generate_next_token()
-                steps += 1
-            t3 = time.perf_counter()
-            if run:
-                prefill.append(length / (t1 - t0))
-                ttft.append(t2 - t0)
-                if steps:
-                    decode.append(steps / (t3 - t2))
-            del generator
+        timed = [timed_generation(model, prompt, new_tokens) for _ in range(runs + 1)][1:]  # the first warms up
+        decode = [t["decode_tps"] for t in timed if t["decode_tps"] is not None]
         out[str(length)] = {
             "prompt_tokens": length,
-            "prefill_tokens_per_s": _stats(prefill),
-            "time_to_first_token_s": _stats(ttft),
+            "prefill_tokens_per_s": _stats([t["prefill_tps"] for t in timed]),
+            "time_to_first_token_s": _stats([t["ttft_s"] for t in timed]),
             "decode_tokens_per_s": _stats(decode) if decode else None,
             "decode_tokens": new_tokens,
         }

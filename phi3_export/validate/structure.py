@@ -27,8 +27,7 @@ def _graph(folder: Path) -> onnx.ModelProto:
     return onnx.load(str(folder / "model.onnx"), load_external_data=False)
 
 
-def max_length_cap(folder: Path, manifest_entry: dict) -> dict:
-    config = json.loads((folder / "genai_config.json").read_text())
+def max_length_cap(config: dict, manifest_entry: dict) -> dict:
     length = config["search"]["max_length"]
     expected = manifest_entry.get("max_length")
     ok = length < FULL_LONG_CONTEXT and (expected is None or length == expected)
@@ -40,8 +39,7 @@ def no_control_flow(model: onnx.ModelProto) -> dict:
     return _check("no_control_flow", not found, "no If/Loop/Scan nodes" if not found else f"control-flow nodes: {', '.join(found)}")
 
 
-def dml_provider_options(folder: Path) -> dict:
-    config = json.loads((folder / "genai_config.json").read_text())
+def dml_provider_options(config: dict) -> dict:
     options = config["model"]["decoder"]["session_options"].get("provider_options", [])
     ok = any("dml" in entry for entry in options)
     return _check("dml_provider_options", ok, f"provider_options {json.dumps(options)}")
@@ -78,13 +76,13 @@ def mobile_op_coverage(model: onnx.ModelProto) -> list[dict]:
     return out
 
 
-def structural_checks(folder: Path, manifest_entry: dict) -> list[dict]:
+def structural_checks(folder: Path, genai_config: dict, manifest_entry: dict) -> list[dict]:
     """The checks for the artifact's target (from the manifest)."""
     model = _graph(folder)
-    checks = [max_length_cap(folder, manifest_entry)]
+    checks = [max_length_cap(genai_config, manifest_entry)]
     target = manifest_entry.get("target")
     if target == "dml":
-        checks += [no_control_flow(model), dml_provider_options(folder)]
+        checks += [no_control_flow(model), dml_provider_options(genai_config)]
     if target == "mobile":
         checks += [accuracy_level(model, MOBILE_ACCURACY_LEVEL), *mobile_op_coverage(model)]
     return checks

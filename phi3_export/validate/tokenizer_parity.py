@@ -28,17 +28,13 @@ def reference_tokenizer(checkpoint: Path):
     return tokenizer
 
 
-def reference_ids(checkpoint: Path, text: str) -> list[int]:
-    return list(reference_tokenizer(checkpoint)(text, add_special_tokens=False).input_ids)
-
-
-def check(artifact: Path, checkpoint: Path, text: str) -> dict:
+def check(artifact: Path, ref, text: str) -> dict:
+    """``ref``: the reference's transformers tokenizer (``reference_tokenizer``)."""
     import onnxruntime_genai as og
 
     config = og.Config(str(artifact))
     config.clear_providers()  # the tokenizer is the same on every provider; the CPU one is always there
     tokenizer = og.Tokenizer(og.Model(config))
-    ref = reference_tokenizer(checkpoint)
     ours = [int(t) for t in tokenizer.encode(text)]
     theirs = list(ref(text, add_special_tokens=False).input_ids)
     mismatch = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
