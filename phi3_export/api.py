@@ -15,6 +15,9 @@ from phi3_export.arch import architecture
 from phi3_export.checkpoint import Checkpoint
 from phi3_export.checkpoint.check import check_recipe, matching_recipes
 from phi3_export.errors import Phi3ExportError
+from phi3_export.export.coreml import MLPACKAGE, export_coreml
+from phi3_export.export.coreml.artifact import MINIMUM_OS
+from phi3_export.export.coreml.artifact import context_length as coreml_context_length
 from phi3_export.export.onnx.artifact import export_onnx
 from phi3_export.export.onnx.targets import resolve_target
 from phi3_export.output import check_free_space, file_entries, staged_output
@@ -26,7 +29,8 @@ from phi3_export.recipes import Recipe, list_recipes, load_recipe
 from phi3_export.versions import library_versions, tool_version
 
 MANIFEST_VERSION = 1
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "coreml")
+COREML_BITS = (4, 8, 16)
 
 
 @dataclass(frozen=True)
@@ -140,16 +144,21 @@ def quantize(
         choice.recipe.quantization, bits=bits, method=method, block_size=block_size, symmetric=symmetric,
         accuracy_level=accuracy_level, overrides={**choice.recipe.quantization.overrides, "lm_head": lm_head} if lm_head else None,
     )
+    formats = tuple(dict.fromkeys(f for fmt in formats for f in (FORMATS if fmt == "all" else (fmt,))))
     for fmt in formats:
         if fmt not in FORMATS:
-            raise Phi3ExportError(f"--format: not supported yet: {fmt} (available: {', '.join(FORMATS)})")
-    chosen_targets = targets or tuple(choice.recipe.export.targets)
+            raise Phi3ExportError(f"--format: unknown format {fmt!r} (available: {', '.join(FORMATS)}, all)")
+    if "coreml" in formats and settings.bits not in COREML_BITS:
+        raise Phi3ExportError(f"--format coreml: --bits {settings.bits} is not available (the program computes in fp16; "
+                              f"choose --bits {', '.join(map(str, COREML_BITS))})")
+    chosen_targets = (targets or tuple(choice.recipe.export.targets)) if "onnx" in formats else ()
     resolved = [resolve_target(t, choice.recipe, settings.bits, settings.accuracy_level, max_length) for t in chosen_targets]
+    coreml_context = coreml_context_length(choice.recipe, facts, max_length) if "coreml" in formats else None
     _warn_slow_int8(settings, arch, resolved, progress)
     out = Path(out)
     if out.exists() and not force:
         raise Phi3ExportError(f"{out}: output already exists (use --force to replace it)")
-    check_free_space(out.parent if out.parent.exists() else Path.cwd(), _estimate_bytes(ckpt, settings, len(resolved)))
+    check_free_space(out.parent if out.parent.exists() else Path.cwd(), _estimate_bytes(ckpt, settings, len(resolved) + 2 * ("coreml" in formats)))
 
     quantizer = QUANTIZERS[settings.method]
     request = _request(choice.recipe, quantizer.needs_calibration, calib_text, calib_samples, calib_seqlen, seed)
@@ -170,6 +179,16 @@ def quantize(
                 "max_length": target.max_length, "accuracy_level": target.accuracy_level,
                 "providers": list(target.providers) or ["cpu"],
                 "size_bytes": sum(f["size"] for f in files), "files": files,
+            })
+        if coreml_context is not None:
+            folder = staging / "coreml"
+            export_coreml(qckpt, ckpt, arch, facts, choice.recipe, {**settings.as_dict(), "tag": settings.tag}, folder,
+                          progress, coreml_context)
+            files = file_entries(folder, staging)
+            artifacts.append({
+                "name": artifact_name(choice.recipe, settings, "coreml", None), "format": "coreml", "target": None,
+                "path": folder.name, "package": MLPACKAGE, "max_length": coreml_context, "context_length": coreml_context,
+                "minimum_os": MINIMUM_OS, "size_bytes": sum(f["size"] for f in files), "files": files,
             })
         qckpt.close()
         ckpt.close()

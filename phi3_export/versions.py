@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxruntime-genai", "transformers", "safetensors", "numpy")
+LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxruntime-genai", "coremltools", "transformers", "safetensors", "numpy")
 
 
 def tool_version() -> str:

@@ -99,11 +99,21 @@ class TargetOptions(Strict):
     provider_options: dict[str, dict[str, str]] | None = None
 
 
+class CoreMLOptions(Strict):
+    # Tokens the KV-cache state holds (and the longest inputIds). The state is allocated in
+    # full on the device: 2048 tokens of Phi-3-mini is 768 MB of fp16 cache, 131072 would be 48 GB.
+    context_length: int = Field(default=2048, gt=0)
+    # "prefill-decode": two functions sharing weights and state, the decode one with a fixed
+    # one-token input (Core ML specialises fixed shapes better); "single": one flexible function.
+    functions: Literal["single", "prefill-decode"] = "single"
+
+
 class Export(Strict):
     targets: list[Target] = Field(default_factory=lambda: ["cpu"], min_length=1)
     # Generation max_length written to genai_config: the KV cache is sized from it.
     max_length: int = Field(default=4096, gt=0)
     target_options: dict[Target, TargetOptions] = Field(default_factory=dict)
+    coreml: CoreMLOptions = CoreMLOptions()
 
 
 class ReportThresholds(Strict):
@@ -127,7 +137,7 @@ class Recipe(Strict):
         lengths = [("export.max_length", self.export.max_length)] + [
             (f"export.target_options.{t}.max_length", o.max_length)
             for t, o in self.export.target_options.items()
-        ]
+        ] + [("export.coreml.context_length", self.export.coreml.context_length)]
         for where, length in lengths:
             if isinstance(ctx, int) and length is not None and length > ctx:
                 raise ValueError(f"{where} {length} exceeds model.context_length {ctx}")

@@ -288,9 +288,14 @@ def validate_artifacts(path: Path, reference: Path, options: ValidateOptions, pr
                 "target": artifact.entry.get("target"), "size_bytes": artifact.entry.get("size_bytes"),
                 "recipe": (manifest.get("recipe") or {}).get("name"), "settings": manifest.get("settings"),
                 "weights": _weight_count(manifest)}
+        if artifact.entry.get("format") == "coreml":
+            from phi3_export.validate.coreml import validate_coreml
+
+            records.extend(validate_coreml(artifact, ref, base, common, progress))
+            continue
         if artifact.entry.get("format") != "onnx":
             records.append({**base, "provider": None, "status": "not run",
-                            "reason": f"format {artifact.entry.get('format')!r}: validate runs ONNX artifacts", **common})
+                            "reason": f"format {artifact.entry.get('format')!r}: validate runs ONNX and Core ML artifacts", **common})
             continue
         progress.message(f"validate: {artifact.name}")
         checks = structure.structural_checks(artifact.folder, artifact.genai_config, artifact.entry)
