@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := build/demo
 
-.PHONY: setup test lint bench demo clean
+.PHONY: setup test lint bench bench-full demo clean
 
 setup: $(VENV)/.installed
 
@@ -20,14 +20,21 @@ test: setup
 lint: setup
 	$(BIN)/ruff check phi3_export tests benchmarks
 
-# Not run by CI (about 40 min): ours vs the ORT-GenAI builder (speed, memory),
-# fp32/RTN/AWQ/builder accuracy on SmolLM2-135M in Phi-3 layout, and `validate` on those
-# artifacts; JSON under build/bench/.
+# Not run by CI (about 50 min): ours vs the ORT-GenAI builder (speed, memory),
+# fp32/RTN/AWQ/builder accuracy on SmolLM2-135M in Phi-3 layout, `validate` on those
+# artifacts, and the Core ML export of the same quantization; JSON under build/bench/.
 bench: setup
 	$(BIN)/pip install -q -e '.[dev,fixtures]'
 	$(BIN)/python benchmarks/bench_export.py --out build/bench
 	$(BIN)/python benchmarks/bench_awq.py --out build/bench
 	$(BIN)/python benchmarks/bench_validate.py --out build/bench
+	$(BIN)/python benchmarks/bench_coreml.py --out build/bench
+
+# Not run by CI: full-size Phi-3-mini and Phi-3-medium shapes (random weights): export memory
+# and time, int4 speed against the memory-bandwidth ceiling, the builder beside ours. Needs
+# ~50 GB free disk under build/full (a shape without room is skipped) and about an hour.
+bench-full: setup
+	$(BIN)/python benchmarks/bench_full.py --out build/bench --work build/full
 
 # The main job end to end on a built-in tiny checkpoint: quantize, chat, validate, report.
 # No network, about a minute and a half.

@@ -130,8 +130,9 @@ def fixture(recipe_name: str, path: Path) -> dict:
 
 
 def quantize(ckpt: Path, out: Path, targets: list[str], *flags: str) -> dict:
+    target = ["--target", ",".join(targets)] if targets else []
     figures = measured([sys.executable, "-m", "phi3_export", "quantize", "--checkpoint", str(ckpt), "--out", str(out),
-                        "--bits", "4", "--target", ",".join(targets), "--quiet", "--force", *flags])
+                        "--bits", "4", *target, "--quiet", "--force", *flags])
     manifest = json.loads((out / "manifest.json").read_text())
     return {**figures, "artifacts_mb": {a["name"]: folder_mb(out / a["path"]) for a in manifest["artifacts"]}}
 
@@ -140,7 +141,7 @@ def run_shape(name: str, args, bandwidth: float) -> dict:
     recipe = load_recipe(name)
     targets = list(recipe.export.targets) if name in args.all_targets else ["cpu"]
     ckpt = args.work / name
-    needed = disk_needed(name, ckpt, len(targets))
+    needed = disk_needed(name, ckpt, len(targets) if "rtn" in args.steps else 2)
     free = shutil.disk_usage(args.work).free
     if free < needed:
         msg = f"skipped: needs about {needed / GB:.0f} GB free disk, {free / GB:.0f} GB free at {args.work}"
@@ -149,24 +150,33 @@ def run_shape(name: str, args, bandwidth: float) -> dict:
     result: dict = {"status": "ran", "parameters": parameter_count(recipe), "fixture": fixture(name, ckpt),
                     "checkpoint_gb": round(sum(p.stat().st_size for p in ckpt.glob("*.safetensors")) / GB, 2)}
     print(f"{name}: fixture {result['fixture']}", flush=True)
-    out = args.work / f"{name}-int4"
-    result["export_rtn"] = {"targets": targets, **quantize(ckpt, out, targets)}
-    print(f"{name}: RTN export {result['export_rtn']}", flush=True)
-    cpu = out / next(a["path"] for a in json.loads((out / "manifest.json").read_text())["artifacts"] if a["target"] == "cpu")
-    per_token = bytes_per_decoded_token(cpu / "model.onnx")
-    runs, new_tokens = (args.repeats, args.new_tokens) if name in args.all_targets else (args.repeats_large, args.new_tokens_large)
-    result["speed_cpu"] = speed(cpu, args.work, args.prompt_len, new_tokens, runs, recipe.model.vocab_size)
-    ceiling = bandwidth * GB / per_token["bytes"]
-    context = args.prompt_len + new_tokens
-    result["bandwidth_ceiling"] = {
-        "weight_bytes_per_token": per_token["bytes"], "gathered_tables_bytes": per_token["gathered_tables_bytes"],
-        "kv_cache_bytes_read_at_end": kv_bytes_per_token(name) * context,
-        "ceiling_tps": round(ceiling, 3), "decode_fraction_of_ceiling": round(result["speed_cpu"]["decode_tps"]["median"] / ceiling, 3)}
-    print(f"{name}: speed {result['speed_cpu']} ceiling {result['bandwidth_ceiling']}", flush=True)
-    shutil.rmtree(out)
-    if name in args.awq:
+    if "rtn" in args.steps:
+        out = args.work / f"{name}-int4"
+        result["export_rtn"] = {"targets": targets, **quantize(ckpt, out, targets)}
+        print(f"{name}: RTN export {result['export_rtn']}", flush=True)
+        if "speed" in args.steps:
+            cpu = out / next(a["path"] for a in json.loads((out / "manifest.json").read_text())["artifacts"] if a["target"] == "cpu")
+            per_token = bytes_per_decoded_token(cpu / "model.onnx")
+            runs, new_tokens = ((args.repeats, args.new_tokens) if name in args.all_targets
+                                else (args.repeats_large, args.new_tokens_large))
+            result["speed_cpu"] = speed(cpu, args.work, args.prompt_len, new_tokens, runs, recipe.model.vocab_size)
+            ceiling = bandwidth * GB / per_token["bytes"]
+            context = args.prompt_len + new_tokens
+            result["bandwidth_ceiling"] = {
+                "weight_bytes_per_token": per_token["bytes"], "gathered_tables_bytes": per_token["gathered_tables_bytes"],
+                "kv_cache_bytes_read_at_end": kv_bytes_per_token(name) * context, "ceiling_tps": round(ceiling, 3),
+                "decode_fraction_of_ceiling": round(result["speed_cpu"]["decode_tps"]["median"] / ceiling, 3)}
+            print(f"{name}: speed {result['speed_cpu']} ceiling {result['bandwidth_ceiling']}", flush=True)
+        shutil.rmtree(out)
+    if "awq" in args.steps and name in args.awq:
         result["export_awq"] = awq(name, args)
         print(f"{name}: AWQ export {result['export_awq']}", flush=True)
+    if "coreml" in args.steps and name in args.coreml:
+        out = args.work / f"{name}-coreml"
+        result["export_coreml"] = quantize(ckpt, out, [], "--format", "coreml")
+        result["export_coreml"]["context_length"] = load_recipe(name).export.coreml.context_length
+        print(f"{name}: Core ML export {result['export_coreml']}", flush=True)
+        shutil.rmtree(out)
     if name not in args.keep_fixtures:
         shutil.rmtree(ckpt)
     return result
@@ -231,6 +241,9 @@ def main() -> None:
     ap.add_argument("--all-targets", default="phi-3-mini-4k", help="shapes exported for every recipe target (others: cpu)")
     ap.add_argument("--awq", default="phi-3-mini-4k", help="shapes also quantized with AWQ ('' for none)")
     ap.add_argument("--awq-samples", type=int, default=32)
+    ap.add_argument("--coreml", default="phi-3-mini-4k", help="shapes also exported to Core ML ('' for none)")
+    ap.add_argument("--steps", default="rtn,speed,awq,coreml", help="which measurements to run per shape")
+    ap.add_argument("--json", default="bench_full.json", help="result file name under --out")
     ap.add_argument("--awq-seqlen", type=int, default=256)
     ap.add_argument("--awq-layers", type=int, default=2, help="decoder layers of the AWQ run (full widths)")
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -243,6 +256,8 @@ def main() -> None:
     args = ap.parse_args()
     args.all_targets = set(filter(None, args.all_targets.split(",")))
     args.awq = set(filter(None, args.awq.split(",")))
+    args.coreml = set(filter(None, args.coreml.split(",")))
+    args.steps = set(filter(None, args.steps.split(",")))
     args.keep_fixtures = set(filter(None, args.keep_fixtures.split(",")))
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -253,7 +268,7 @@ def main() -> None:
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "memory_read_bandwidth_gbs": bandwidth,
               "settings": {"bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4, "prompt_len": args.prompt_len},
               "shapes": {}}
-    path = args.out / "bench_full.json"
+    path = args.out / args.json
     for name in filter(None, args.shapes.split(",")):
         result["shapes"][name] = run_shape(name, args, bandwidth)
         path.write_text(json.dumps(result, indent=2) + "\n")  # partial results survive a later failure

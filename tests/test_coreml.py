@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -193,3 +194,15 @@ def test_validate_reports_program_accuracy_and_prediction_not_run(fixture_dir, e
     # Same codes as the ONNX artifact: the two accuracies agree closely (fp16 vs fp32 activations apart).
     assert abs(program["accuracy"]["kld_mean"] - onnx_cpu["accuracy"]["kld_mean"]) < 0.2 * onnx_cpu["accuracy"]["kld_mean"]
     assert device["status"] == "not run" and "macOS 15" in device["reason"] and "accuracy" not in device
+
+
+def test_prefill_decode_functions_are_refused_not_ignored(fixture_dir, tmp_path):
+    from phi3_export.api import quantize
+    from phi3_export.errors import Phi3ExportError
+
+    recipe = tmp_path / "phi-3-mini-4k.yaml"
+    text = (Path(__file__).resolve().parents[1] / "recipes" / "phi-3-mini-4k.yaml").read_text().replace("  target_options:", "  coreml:\n    functions: prefill-decode\n  target_options:")
+    recipe.write_text(text)
+    with pytest.raises(Phi3ExportError, match="prefill-decode.*not supported yet"):
+        quantize(fixture_dir("phi-3-mini-4k"), tmp_path / "out", recipe=str(recipe), bits=4, formats=("coreml",))
+    assert not (tmp_path / "out").exists()

@@ -47,6 +47,11 @@ _DROPPED_METADATA = ("com.github.apple.coremltools.conversion_date",)
 
 
 def context_length(recipe: Recipe, facts: ModelFacts, requested: int | None) -> int:
+    if recipe.export.coreml.functions != "single":
+        # Two functions in one program would each carry their own weight constants; sharing them
+        # needs coremltools' save_multifunction, which loads every weight into memory.
+        raise Phi3ExportError(f"recipe {recipe.name}: export.coreml.functions "
+                              f"{recipe.export.coreml.functions!r} is not supported yet (use 'single')")
     length = requested or recipe.export.coreml.context_length
     limit = facts.context_length if isinstance(facts.context_length, int) else None
     if limit is not None and length > limit:
