@@ -149,6 +149,7 @@ class Checkpoint:
         return rows[inverse]
 
     def close(self) -> None:
+        """Drop the open shards: unmaps them, so pages read so far leave this process's RSS."""
         self._open.clear()
 
     @cached_property

@@ -351,6 +351,7 @@ def awq_quantize_checkpoint(
                     writer.add_float(name, weights[role], role)
             writer.flush(f"layer-{i:03d}")
             del weights
+            ckpt.close()  # unmap the shards read so far (see rtn_quantize_checkpoint)
             release_freed_memory()
             x = y
             if request.resume:

@@ -90,6 +90,7 @@ def rtn_quantize_checkpoint(
             for role in arch.layer_linears:
                 store_tensor(writer, ckpt, arch.layer_tensor(role, i), role, settings.precision(role), settings)
             writer.flush(f"layer-{i:03d}")
+            ckpt.close()  # unmap the shards read so far: their pages otherwise stay in this process's RSS
             release_freed_memory()
             task.advance(f"layer {i}")
         store_globals(writer, ckpt, arch, facts, settings)

@@ -39,6 +39,7 @@ class StreamedReference:
                 layer = arch.loaded_layer(config, i, {role: ckpt.tensor(arch.layer_tensor(role, i)) for role in roles})
                 x = torch.cat([layer(x[k : k + batch], **extra) for k in range(0, x.shape[0], batch)])
                 del layer
+                ckpt.close()  # unmap the shards read so far
                 release_freed_memory()
             norm = ckpt.tensor(arch.final_norm)
             eps = config.get("rms_norm_eps", 1e-5)

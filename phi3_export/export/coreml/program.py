@@ -210,6 +210,7 @@ class DecoderProgram:
         x = self.embedding(ids)
         for i in range(self.s.layers):
             x = self.layer(i, x, (key_cache, value_cache), past, end, cos, sin, bias)
+            self.w.q.close()  # its codes now live in the scratch files: unmap the layer's quantized file
             if progress_task is not None:
                 progress_task.advance(f"layer {i}")
         return self.lm_head(self.rms_norm(x, self.arch.final_norm, "norm"))

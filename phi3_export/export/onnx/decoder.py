@@ -251,6 +251,7 @@ class DecoderEmitter:
             residual, pending = self.embedding(), None
             for i in range(self.s.layers):
                 residual, pending = self.layer(i, residual, pending, seqlens, total, cos, sin)
+                self.q.close()  # unmap this layer's quantized file once its tensors are written out
                 if progress_task is not None:
                     progress_task.advance(f"layer {i}")
             final_w = self.float_param(self.arch.final_norm, "model.norm.weight")
