@@ -98,7 +98,7 @@ def kv_bytes_per_token(recipe_name: str) -> int:
     return m.num_layers * 2 * m.num_kv_heads * m.head_dim * 4  # fp32 cache on CPU
 
 
-def speed(artifact: Path, work: Path, prompt_len: int, new_tokens: int, runs: int, vocab: int) -> dict:
+def speed(artifact: Path, work: Path, prompt_len: int, new_tokens: int, runs: int, vocab: int, threads: int = 0) -> dict:
     import numpy as np
 
     ids = work / "prompt-ids.json"
@@ -106,7 +106,7 @@ def speed(artifact: Path, work: Path, prompt_len: int, new_tokens: int, runs: in
     result = work / "speed.json"
     figures = measured([sys.executable, "-m", "phi3_export.validate.speed", str(artifact), "--prompt-ids", str(ids),
                         "--prompt-lengths", str(prompt_len), "--new-tokens", str(new_tokens), "--runs", str(runs),
-                        "--json", str(result)])
+                        "--threads", str(threads), "--json", str(result)])
     timed = json.loads(result.read_text())[str(prompt_len)]
     pick = lambda s: {k: round(s[k], 3) for k in ("median", "min", "max")}
     return {"prompt_tokens": prompt_len, "new_tokens": new_tokens, "runs": runs,
@@ -204,6 +204,40 @@ def awq(name: str, args) -> dict:
             "note": f"full widths and vocabulary, {args.awq_layers} decoder layers; peak memory is per layer"}
 
 
+def decode_sweep(args, bandwidth: float) -> dict:
+    """Why decode is where it is: MatMulNBits variants and thread counts on Phi-3-mini widths, fewer layers.
+
+    If decode were bound by memory bandwidth, a second thread would add little and fewer bytes
+    per token (block 128: fewer scales) would speed it up in proportion.
+    """
+    from bench_export import export_ours
+
+    from phi3_export.fixtures.full_size import write_full_size
+
+    work = args.work / "decode-sweep"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    ckpt = work / "mini-width"
+    write_full_size(load_recipe("phi-3-mini-4k"), ckpt, layers=args.builder_layers)
+    rows = []
+    for block, level in ((32, 4), (32, 1), (128, 4), (128, 1)):
+        out = work / f"g{block}-a{level}"
+        export_ours(ckpt, out, block, level)
+        artifact = out / "onnx-cpu"
+        per_token = bytes_per_decoded_token(artifact / "model.onnx")["bytes"]
+        for threads in ((1, 2) if (block, level) == (32, 4) else (2,)):
+            timed = speed(artifact, work, args.prompt_len, args.new_tokens, args.repeats, 32064, threads)
+            decode = timed["decode_tps"]["median"]
+            rows.append({"block_size": block, "accuracy_level": level, "threads": threads, "weight_bytes_per_token": per_token,
+                         "decode_tps": timed["decode_tps"], "prefill_tps": timed["prefill_tps"],
+                         "effective_gbs": round(decode * per_token / GB, 2),
+                         "decode_fraction_of_ceiling": round(decode / (bandwidth * GB / per_token), 3)})
+            print(f"decode sweep: {rows[-1]}", flush=True)
+        shutil.rmtree(out)
+    shutil.rmtree(work)
+    return {"shape": f"phi-3-mini-4k widths, {args.builder_layers} layers", "rows": rows}
+
+
 def builder_comparison(args) -> dict:
     """Ours vs the ORT-GenAI builder on Phi-3-mini widths with fewer layers (the builder holds the whole model)."""
     from bench_export import export_builder, export_ours, size_mb, speeds
@@ -242,7 +276,8 @@ def main() -> None:
     ap.add_argument("--awq", default="phi-3-mini-4k", help="shapes also quantized with AWQ ('' for none)")
     ap.add_argument("--awq-samples", type=int, default=32)
     ap.add_argument("--coreml", default="phi-3-mini-4k", help="shapes also exported to Core ML ('' for none)")
-    ap.add_argument("--steps", default="rtn,speed,awq,coreml", help="which measurements to run per shape")
+    ap.add_argument("--steps", default="rtn,speed,awq,coreml,sweep,builder",
+                    help="which measurements to run: per shape rtn, speed, awq, coreml; then sweep, builder")
     ap.add_argument("--json", default="bench_full.json", help="result file name under --out")
     ap.add_argument("--awq-seqlen", type=int, default=256)
     ap.add_argument("--awq-layers", type=int, default=2, help="decoder layers of the AWQ run (full widths)")
@@ -272,7 +307,10 @@ def main() -> None:
     for name in filter(None, args.shapes.split(",")):
         result["shapes"][name] = run_shape(name, args, bandwidth)
         path.write_text(json.dumps(result, indent=2) + "\n")  # partial results survive a later failure
-    if args.builder_layers:
+    if args.builder_layers and "sweep" in args.steps:
+        result["decode_sweep"] = decode_sweep(args, bandwidth)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    if args.builder_layers and "builder" in args.steps:
         result["builder_comparison"] = builder_comparison(args)
         print(f"builder comparison: {result['builder_comparison']}", flush=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
