@@ -49,7 +49,8 @@ def test_program_matches_transformers_with_cached_decode(recipe, fixture_kwargs,
     q = QuantizedCheckpoint(out / "quantized")
     ids = np.random.RandomState(3).randint(0, q.config["vocab_size"], n).tolist()
     ref = _reference(fixture_dir(recipe, **fixture_kwargs), q, ids)
-    for precision, tolerance in (("fp32", 1e-3), ("fp16", 1e-2)):
+    # Relative to the largest logit; measured: fp32 reading <=3.6e-4, fp16 <=9.1e-4 (phi-4-mini), 5e-4 to 8e-4 otherwise.
+    for precision, tolerance in (("fp32", 5e-4), ("fp16", 1.5e-3)):
         decoder = CoreMLDecoder(out / PACKAGE, precision)
         prefill = n - 8
         got = [decoder(ids[:prefill]), decoder(ids[prefill : prefill + 4])] + [decoder([t]) for t in ids[prefill + 4 :]]
