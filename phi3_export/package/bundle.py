@@ -1,0 +1,180 @@
+"""`phi3-export package`: a folder an app developer copies into an iOS or Android app as is.
+
+    BUNDLE/
+      manifest.json      every file (size, sha256), runtime and minimum OS, model facts,
+                         size budget, validate figures when given
+      onnx/              android (and ios with --with-onnx): the mobile ONNX artifact folder,
+                         genai_config.json included, loaded by path with onnxruntime-genai
+      coreml/            ios: model.mlpackage + config.json + tokenizer files (swift-transformers)
+
+The source artifacts are checked against their own manifest first, so a truncated
+`.onnx.data` or a Git LFS pointer in OUT never gets packaged. The bundle is staged and
+renamed into place whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+from phi3_export.errors import Phi3ExportError
+from phi3_export.output import file_entries, staged_output
+from phi3_export.package.targets import RUNTIMES, TARGETS, BundleTarget, SizeLimit
+from phi3_export.package.verify import problems_against
+from phi3_export.validate.artifacts import Artifact, find_artifacts
+from phi3_export.versions import library_versions, tool_version
+
+BUNDLE_FORMAT = "phi3-export-bundle"
+BUNDLE_VERSION = 1
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed: the same bundle gives the same zip
+
+
+def _pick(artifacts: list[Artifact], fmt: str, target: str | None) -> Artifact | None:
+    return next((a for a in artifacts if a.entry.get("format") == fmt and a.entry.get("target") == target), None)
+
+
+def _choose(src: Path, bundle: BundleTarget, with_onnx: bool) -> list[tuple[str, Artifact]]:
+    artifacts = find_artifacts(src)
+    chosen = []
+    wanted = list(bundle.required) + (list(bundle.optional) if with_onnx else [])
+    for folder, fmt, target in wanted:
+        artifact = _pick(artifacts, fmt, target)
+        if artifact is None:
+            have = ", ".join(a.entry.get("path", a.name) for a in artifacts) or "none"
+            how = "--format coreml" if fmt == "coreml" else f"--target {target}"
+            raise Phi3ExportError(f"{src}: no {fmt}{'-' + target if target else ''} artifact for a {bundle.name} bundle "
+                                  f"(has: {have}); run quantize with {how}")
+        chosen.append((folder, artifact))
+    return chosen
+
+
+def _check_source(artifact: Artifact) -> None:
+    root = artifact.folder.parent
+    problems = problems_against(root, artifact.entry.get("files") or [])
+    if problems:
+        raise Phi3ExportError(f"{artifact.folder}: does not match {root / 'manifest.json'}: {problems[0]}"
+                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+
+def _model_facts(folder: str, artifact: Artifact) -> dict:
+    from phi3_export.validate.run import _weight_count
+
+    entry, manifest = artifact.entry, artifact.manifest
+    size = entry.get("size_bytes") or sum(f["size"] for f in entry.get("files", []))
+    weights = _weight_count(manifest)
+    facts = {"artifact": artifact.name, "folder": folder, "format": entry.get("format"), "target": entry.get("target"),
+             "recipe": (manifest.get("recipe") or {}).get("name"), "settings": manifest.get("settings"),
+             "size_bytes": size, "bits_per_weight": round(8 * size / weights, 3) if weights else None, "weights": weights}
+    if entry.get("format") == "coreml":
+        config = json.loads((artifact.folder / "coreml_config.json").read_text())
+        facts.update(context_length=config["context_length"], max_length=config["context_length"],
+                     kv_cache_bytes_at_max_length=config["kv_cache_bytes"])
+    else:
+        genai = json.loads((artifact.folder / "genai_config.json").read_text())
+        dec = genai["model"]["decoder"]
+        max_length = genai["search"]["max_length"]
+        kv_dtype = 2 if entry.get("target") == "dml" else 4
+        facts.update(context_length=genai["model"].get("context_length"), max_length=max_length,
+                     accuracy_level=entry.get("accuracy_level"), providers=entry.get("providers"),
+                     kv_cache_bytes_at_max_length=2 * dec["num_hidden_layers"] * dec["num_key_value_heads"] * dec["head_size"]
+                     * kv_dtype * max_length)
+    return facts
+
+
+def _runtime(fmt: str) -> dict:
+    runtime = dict(RUNTIMES[fmt])
+    if fmt == "onnx":
+        runtime["version"] = library_versions().get("onnxruntime-genai")
+    return runtime
+
+
+def _validation(path: Path, names: set[str]) -> list[dict]:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise Phi3ExportError(f"{path}: cannot read the validate result ({exc})") from None
+    out = []
+    for r in doc.get("records", []):
+        if r.get("artifact") not in names or r.get("status") != "ok":
+            continue
+        acc = r.get("accuracy") or {}
+        speed = next((v for v in (r.get("speed") or {}).values() if isinstance(v, dict) and "decode_tokens_per_s" in v), {})
+        out.append({
+            "artifact": r["artifact"], "provider": r.get("provider"), "machine": r.get("machine"),
+            "perplexity_reference": acc.get("perplexity_reference"), "perplexity": acc.get("perplexity_artifact"),
+            "kld_mean": acc.get("kld_mean"), "top1_agreement": acc.get("top1_agreement"),
+            "decode_tokens_per_s": (speed.get("decode_tokens_per_s") or {}).get("median"),
+            "prefill_tokens_per_s": (speed.get("prefill_tokens_per_s") or {}).get("median"),
+            "time_to_first_token_s": (speed.get("time_to_first_token_s") or {}).get("median"),
+        })
+    return out
+
+
+def size_budget(total: int, limits: tuple[SizeLimit, ...], models: list[dict]) -> tuple[list[dict], list[str]]:
+    checks, warnings = [], []
+    for limit in limits:
+        over = total > limit.bytes
+        checks.append({"limit": limit.name, "limit_bytes": limit.bytes, "bundle_bytes": total, "over": over})
+        if over:
+            warnings.append(f"bundle is {total / 1e6:,.0f} MB, over the {limit.name} ({limit.bytes / 1e6:,.0f} MB): {limit.fix}")
+    for m in models:
+        kv = m.get("kv_cache_bytes_at_max_length") or 0
+        if kv > 1 << 30:
+            warnings.append(f"{m['folder']}: the KV cache at max_length {m['max_length']} takes {kv / 1e6:,.0f} MB of device memory; "
+                            f"quantize with a smaller --max-length (it scales linearly) for phones")
+        settings = m.get("settings") or {}
+        if settings.get("block_size") == 32 and any(c["over"] for c in checks):
+            warnings.append(f"{m['folder']}: block size 32 spends ~0.6 bits/weight on scales and zero points; "
+                            "--block-size 128 makes the weights about 10% smaller (at some accuracy cost: see the report)")
+    return checks, warnings
+
+
+def _zip(folder: Path, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    with zipfile.ZipFile(tmp, "w", allowZip64=True) as z:
+        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+            info = zipfile.ZipInfo(str(file.relative_to(folder.parent)), ZIP_DATE)
+            info.external_attr = 0o644 << 16
+            # Weights are incompressible: store them; compress the JSON and tokenizer files.
+            info.compress_type = zipfile.ZIP_STORED if file.stat().st_size > 64 << 20 else zipfile.ZIP_DEFLATED
+            with file.open("rb") as src, z.open(info, "w", force_zip64=True) as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    tmp.replace(path)
+
+
+def package(src: Path, target: str, out: Path, *, with_onnx: bool = False, validate_json: Path | None = None,
+            make_zip: bool = False, force: bool = False) -> tuple[dict, list[str]]:
+    """Build the bundle; returns its manifest and the size-budget warnings."""
+    try:
+        bundle = TARGETS[target]
+    except KeyError:
+        raise Phi3ExportError(f"--target: unknown bundle target {target!r}; choose from {', '.join(TARGETS)}") from None
+    chosen = _choose(Path(src), bundle, with_onnx)
+    for _, artifact in chosen:
+        _check_source(artifact)
+    out = Path(out)
+    with staged_output(out, force) as staging:
+        models = []
+        for folder, artifact in chosen:
+            shutil.copytree(artifact.folder, staging / folder)
+            models.append(_model_facts(folder, artifact))
+        files = file_entries(staging, staging)
+        total = sum(f["size"] for f in files)
+        checks, warnings = size_budget(total, bundle.limits, models)
+        manifest = {
+            "format": BUNDLE_FORMAT, "schema_version": BUNDLE_VERSION, "target": target,
+            "tool": {"name": "phi3-export", "version": tool_version()},
+            "source_manifest_sha256": hashlib.sha256((chosen[0][1].folder.parent / "manifest.json").read_bytes()).hexdigest(),
+            "runtimes": {folder: _runtime(fmt) for folder, fmt, _ in bundle.required + bundle.optional
+                         if any(f == folder for f, _ in chosen)},
+            "models": models, "size_bytes": total, "size_budget": checks,
+            "validation": _validation(validate_json, {a.name for _, a in chosen}) if validate_json else None,
+            "files": files,
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    if make_zip:
+        _zip(out, out.with_name(out.name + ".zip"))
+    return manifest, warnings

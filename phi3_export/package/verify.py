@@ -1,0 +1,143 @@
+"""`phi3-export verify BUNDLE`: is this exactly the bundle that was packaged, and does it load?
+
+Meant for app CI before shipping: it names every missing, truncated, altered or Git LFS
+pointer file (a ~130-byte text starting ``version https://git-lfs`` where the weights
+should be, what a clone without LFS gives you), then loads what can be loaded here:
+genai_config.json and the tokenizer, the ONNX model through onnxruntime-genai from the
+bundle path, the Core ML package's spec (prediction needs macOS).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from phi3_export.output import sha256
+
+LFS_PREFIX = b"version https://git-lfs"
+
+
+def _is_lfs_pointer(path: Path) -> bool:
+    if path.stat().st_size > 1024:
+        return False
+    with path.open("rb") as f:
+        return f.read(len(LFS_PREFIX)) == LFS_PREFIX
+
+
+def problems_against(root: Path, files: list[dict]) -> list[str]:
+    """One line per file under ``root`` that does not match its manifest entry."""
+    problems = []
+    for entry in files:
+        path = root / entry["path"]
+        if not path.is_file():
+            problems.append(f"missing: {entry['path']}")
+        elif _is_lfs_pointer(path):
+            problems.append(f"Git LFS pointer instead of the file: {entry['path']} ({path.stat().st_size} bytes; "
+                            f"run `git lfs pull`, the real file is {entry['size']:,} bytes)")
+        elif path.stat().st_size < entry["size"]:
+            problems.append(f"truncated: {entry['path']} ({path.stat().st_size:,} of {entry['size']:,} bytes)")
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"wrong size: {entry['path']} ({path.stat().st_size:,} bytes, manifest says {entry['size']:,})")
+        elif sha256(path) != entry["sha256"]:
+            problems.append(f"altered: {entry['path']} (sha256 differs from the manifest)")
+    return problems
+
+
+@dataclass
+class VerifyResult:
+    problems: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)  # what was checked and held
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _load_onnx(folder: Path, result: VerifyResult, rel: str) -> None:
+    config = folder / "genai_config.json"
+    if not config.is_file():
+        result.problems.append(f"missing: {rel}/genai_config.json (onnxruntime-genai cannot open the model without it)")
+        return
+    try:
+        json.loads(config.read_text())
+    except json.JSONDecodeError as exc:
+        result.problems.append(f"invalid JSON: {rel}/genai_config.json line {exc.lineno}: {exc.msg}")
+        return
+    try:
+        import onnxruntime_genai as og
+
+        model = og.Model(str(folder))
+        tokenizer = og.Tokenizer(model)
+        ids = tokenizer.encode("Hello")
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 2)
+        generator = og.Generator(model, params)
+        generator.append_tokens(ids)
+        generator.generate_next_token()
+        result.checks.append(f"{rel}: onnxruntime-genai opened the model from the bundle path and generated a token")
+    except Exception as exc:  # noqa: BLE001 - any load failure is the finding: report it, exit non-zero
+        result.problems.append(f"{rel}: onnxruntime-genai could not load it: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
+def _load_coreml(folder: Path, result: VerifyResult, rel: str) -> None:
+    from phi3_export.export.coreml.program import CAUSAL_MASK, INPUT_IDS, KEY_CACHE, LOGITS, VALUE_CACHE
+
+    package = folder / "model.mlpackage"
+    try:
+        from phi3_export.export.coreml.ct import coremltools
+
+        ct = coremltools()
+        spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+    except Exception as exc:  # noqa: BLE001 - a damaged package: report what coremltools said
+        result.problems.append(f"{rel}/model.mlpackage: coremltools could not read it: {str(exc).splitlines()[0]}")
+        return
+    names = ({i.name for i in spec.description.input}, {o.name for o in spec.description.output},
+             {s.name for s in spec.description.state})
+    if names != ({INPUT_IDS, CAUSAL_MASK}, {LOGITS}, {KEY_CACHE, VALUE_CACHE}):
+        result.problems.append(f"{rel}/model.mlpackage: IO {names} is not what swift-transformers' LanguageModel expects")
+    else:
+        result.checks.append(f"{rel}: model.mlpackage reloads (spec {spec.specificationVersion}) with inputIds, causalMask, "
+                             "keyCache/valueCache states, logits; prediction not run: needs macOS 15 / iOS 18")
+
+
+def _load_tokenizer(folder: Path, result: VerifyResult, rel: str) -> None:
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        result.problems.append(f"missing: {rel}/tokenizer.json")
+        return
+    try:
+        from tokenizers import Tokenizer
+
+        Tokenizer.from_file(str(path)).encode("Hello")
+        result.checks.append(f"{rel}: tokenizer.json loads and encodes")
+    except Exception as exc:  # noqa: BLE001 - a broken tokenizer file is the finding
+        result.problems.append(f"{rel}/tokenizer.json: does not load: {str(exc).splitlines()[0]}")
+
+
+def verify_bundle(bundle: Path) -> VerifyResult:
+    bundle = Path(bundle)
+    result = VerifyResult()
+    manifest_path = bundle / "manifest.json"
+    if not manifest_path.is_file():
+        result.problems.append(f"missing: manifest.json ({bundle} is not a phi3-export bundle, or the manifest was left out)")
+        return result
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        result.problems.append(f"manifest.json: invalid JSON at line {exc.lineno}: {exc.msg}")
+        return result
+    files = manifest.get("files") or []
+    result.problems += problems_against(bundle, files)
+    if not result.problems:
+        result.checks.append(f"{len(files)} files match the manifest (size and sha256)")
+    for model in manifest.get("models") or []:
+        folder = bundle / model["folder"]
+        if not folder.is_dir():
+            continue  # already named file by file above
+        _load_tokenizer(folder, result, model["folder"])
+        if model["format"] == "onnx":
+            _load_onnx(folder, result, model["folder"])
+        elif model["format"] == "coreml":
+            _load_coreml(folder, result, model["folder"])
+    return result
