@@ -36,16 +36,18 @@ bench: setup
 bench-full: setup
 	$(BIN)/python benchmarks/bench_full.py --out build/bench --work build/full
 
-# The main job end to end on a built-in tiny checkpoint: quantize, chat, validate, report.
-# No network, about a minute and a half.
+# The main job end to end on a built-in tiny checkpoint: quantize (ONNX + Core ML), chat,
+# validate, report, app bundle + verify. No network, about two minutes.
 demo: setup
 	rm -rf $(DEMO)
 	$(BIN)/phi3-export fixture --recipe phi-3-mini-4k --train-steps 300 --hidden 128 --out $(DEMO)/checkpoint
-	$(BIN)/phi3-export quantize --checkpoint $(DEMO)/checkpoint --bits 4 --out $(DEMO)/out
+	$(BIN)/phi3-export quantize --checkpoint $(DEMO)/checkpoint --bits 4 --format all --out $(DEMO)/out
 	$(BIN)/phi3-export chat $(DEMO)/out/onnx-cpu --prompt "What does the for statement do?"
 	$(BIN)/phi3-export validate $(DEMO)/out --reference $(DEMO)/checkpoint --json $(DEMO)/validate.json \
 		--prompt-lengths 128 --new-tokens 32 --cache-dir $(DEMO)/cache
 	$(BIN)/phi3-export report $(DEMO)/validate.json --out $(DEMO)/report
+	$(BIN)/phi3-export package $(DEMO)/out --target android --out $(DEMO)/android-bundle --validate $(DEMO)/validate.json
+	$(BIN)/phi3-export verify $(DEMO)/android-bundle
 
 clean:
 	rm -rf build

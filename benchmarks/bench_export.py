@@ -60,10 +60,18 @@ def one_run(model, prompt_len: int, new_tokens: int) -> dict:
     return timed_generation(model, ids, new_tokens)
 
 
-def speeds(artifacts: dict[str, str], prompt_len: int, new_tokens: int, repeats: int) -> dict:
+def load_model(path: str, threads: int = 0):
+    """onnxruntime-genai model; ``threads`` > 0 sets intra_op_num_threads (0: onnxruntime's default)."""
     import onnxruntime_genai as og
 
-    models = {name: og.Model(path) for name, path in artifacts.items()}
+    config = og.Config(path)
+    if threads:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    return og.Model(config)
+
+
+def speeds(artifacts: dict[str, str], prompt_len: int, new_tokens: int, repeats: int, threads: int = 0) -> dict:
+    models = {name: load_model(path, threads) for name, path in artifacts.items()}
     runs = {name: [] for name in models}
     for name, model in models.items():
         one_run(model, prompt_len, new_tokens)  # warm-up

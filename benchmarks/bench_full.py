@@ -52,7 +52,7 @@ def folder_mb(folder: Path) -> float:
     return round(sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) / 1e6, 1)
 
 
-def memory_bandwidth_gbs(gib: float = 2.0, repeats: int = 7) -> float:
+def memory_bandwidth_gbs(gib: float = 2.0, repeats: int = 11) -> float:
     """Read bandwidth of this machine on all cores: best of ``repeats`` sums over a ``gib`` GiB buffer.
 
     A sum is memory-bound (one add per 4 bytes read), and torch splits it over all cores.
@@ -159,7 +159,7 @@ def run_shape(name: str, args, bandwidth: float) -> dict:
             per_token = bytes_per_decoded_token(cpu / "model.onnx")
             runs, new_tokens = ((args.repeats, args.new_tokens) if name in args.all_targets
                                 else (args.repeats_large, args.new_tokens_large))
-            result["speed_cpu"] = speed(cpu, args.work, args.prompt_len, new_tokens, runs, recipe.model.vocab_size)
+            result["speed_cpu"] = speed(cpu, args.work, args.prompt_len, new_tokens, runs, recipe.model.vocab_size, args.threads)
             ceiling = bandwidth * GB / per_token["bytes"]
             context = args.prompt_len + new_tokens
             result["bandwidth_ceiling"] = {
@@ -251,7 +251,8 @@ def builder_comparison(args) -> dict:
     write_full_size(load_recipe("phi-3-mini-4k"), ckpt, layers=args.builder_layers)
     ours = export_ours(ckpt, work / "ours", 32, 4)
     builder = export_builder(ckpt, work / "builder", 32, 4)
-    speed_both = speeds({"ours": ours["artifact"], "builder": builder["artifact"]}, args.prompt_len, args.new_tokens, args.repeats)
+    speed_both = speeds({"ours": ours["artifact"], "builder": builder["artifact"]}, args.prompt_len, args.new_tokens, args.repeats,
+                        args.threads)
     for tool in (ours, builder):
         tool["size_mb"] = size_mb(Path(tool["artifact"]))
         del tool["artifact"]
@@ -286,6 +287,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens-large", type=int, default=32, help="decode tokens for shapes not in --all-targets")
     ap.add_argument("--repeats-large", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=machine()["cores"],
+                    help="intra_op_num_threads for speed runs (default: all cores; 0 = onnxruntime's default, "
+                         "which used one thread on this 2-core VM)")
     ap.add_argument("--builder-layers", type=int, default=8, help="layers of the mini-width model both tools export (0: skip)")
     ap.add_argument("--keep-fixtures", default="", help="shapes whose full-size checkpoints are kept for the next run")
     args = ap.parse_args()
@@ -301,7 +305,8 @@ def main() -> None:
     print(f"memory read bandwidth: {bandwidth} GB/s", flush=True)
     result = {"schema_version": 1, "tool_version": tool_version(), "versions": library_versions(), "machine": machine(),
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "memory_read_bandwidth_gbs": bandwidth,
-              "settings": {"bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4, "prompt_len": args.prompt_len},
+              "settings": {"bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4, "prompt_len": args.prompt_len,
+                           "intra_op_num_threads": args.threads},
               "shapes": {}}
     path = args.out / args.json
     for name in filter(None, args.shapes.split(",")):
@@ -313,6 +318,9 @@ def main() -> None:
     if args.builder_layers and "builder" in args.steps:
         result["builder_comparison"] = builder_comparison(args)
         print(f"builder comparison: {result['builder_comparison']}", flush=True)
+    # Measured again at the end: on a shared VM it moves between runs; the ceiling above used the first.
+    result["memory_read_bandwidth_gbs_at_end"] = memory_bandwidth_gbs()
+    print(f"memory read bandwidth at the end: {result['memory_read_bandwidth_gbs_at_end']} GB/s", flush=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 

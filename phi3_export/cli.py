@@ -165,7 +165,8 @@ def chat(artifact, prompt, max_new_tokens):
 @click.option("--prompt-lengths", default="128,1024", show_default=True, help="Prompt lengths for prefill speed.")
 @click.option("--new-tokens", default=128, show_default=True, help="Tokens generated for decode speed.")
 @click.option("--runs", default=3, show_default=True, help="Timed runs per figure (after one warm-up); median, min, max.")
-@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: one per core).")
+@click.option("--threads", default=0, show_default=True,
+              help="ONNX Runtime intra-op threads (0: all logical cores, set explicitly; onnxruntime's own default ran one thread on a 2-core VM).")
 @click.option("--no-speed", is_flag=True, help="Accuracy and checks only.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Reference-logit cache (default: ~/.cache/phi3-export/reference).")
 @click.option("--quiet", is_flag=True, help="No progress output.")

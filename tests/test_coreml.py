@@ -207,3 +207,19 @@ def test_prefill_decode_functions_are_refused_not_ignored(fixture_dir, tmp_path)
     with pytest.raises(Phi3ExportError, match="prefill-decode.*not supported yet"):
         quantize(fixture_dir("phi-3-mini-4k"), tmp_path / "out", recipe=str(recipe), bits=4, formats=("coreml",))
     assert not (tmp_path / "out").exists()
+
+
+def test_structure_check_accepts_a_tied_int8_lm_head_and_flags_a_float_linear(exported):
+    from phi3_export.validate.artifacts import find_artifacts
+    from phi3_export.validate.coreml import structural_checks
+
+    out = exported("phi-4-mini", bits=4, formats=("coreml",), lm_head="int8")
+    artifact = find_artifacts(out)[0]
+    program = MilProgram(out / PACKAGE)
+    checks, facts = structural_checks(program, artifact.entry, artifact.manifest["settings"], artifact.folder)
+    check = next(c for c in checks if c["name"] == "coreml_linear_weights_blockwise")
+    assert check["passed"], check
+    assert facts["linear_weight_bits"] == {4: 8, 8: 1}  # 4 linears x 2 layers int4, the tied LM head int8
+    settings = {**artifact.manifest["settings"], "overrides": {}}  # without the override, the int8 head is a finding
+    checks, _ = structural_checks(program, artifact.entry, settings, artifact.folder)
+    assert not next(c for c in checks if c["name"] == "coreml_linear_weights_blockwise")["passed"]

@@ -45,15 +45,14 @@ def structural_checks(program: MilProgram, entry: dict, settings: dict | None, f
     checks.append(_check("coreml_kv_states", shapes_ok, f"states {states}, context_length {ctx}"))
     histogram = Counter(op.type for op in program.block.operations)
     constexpr = {op.outputs[0].name: op for op in program.block.operations if op.type == "constexpr_blockwise_shift_scale"}
-    linears, bits = [], {}
+    linears, bits = [], {}  # by the linear op's name (layers_3_qkv_proj, lm_head): a tied LM head reads embed_tokens_weight
     for op in program.block.operations:
         if op.type != "linear":
             continue
-        weight = op.inputs["weight"].arguments[0].name
-        linears.append(weight)
+        name, weight = op.outputs[0].name, op.inputs["weight"].arguments[0].name
+        linears.append(name)
         if weight in constexpr:
-            data = constexpr[weight].inputs["data"].arguments[0]
-            bits[weight] = _bits_of(program, constexpr[weight], data)
+            bits[name] = _bits_of(program, constexpr[weight], constexpr[weight].inputs["data"].arguments[0])
     expected = (settings or {}).get("bits")
     overrides = {k: v for k, v in ((settings or {}).get("overrides") or {}).items() if v in ("int4", "int8")}
     wrong = [w for w in linears if w not in bits or (bits[w] != expected and not _overridden(w, overrides, bits[w]))]
@@ -80,8 +79,8 @@ def _bits_of(program: MilProgram, op, data_arg) -> int:
     return {t.UINT4: 4, t.INT4: 4, t.UINT8: 8, t.INT8: 8}.get(dtype, 0)
 
 
-def _overridden(weight: str, overrides: dict, bits: int) -> bool:
-    return any(role in weight and precision == f"int{bits}" for role, precision in overrides.items())
+def _overridden(linear: str, overrides: dict, bits: int) -> bool:
+    return any(linear.endswith(role) and precision == f"int{bits}" for role, precision in overrides.items())
 
 
 def tokenizer_check(folder: Path, ref_tokenizer, text: str) -> dict:
