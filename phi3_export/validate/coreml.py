@@ -138,9 +138,11 @@ def validate_coreml(artifact, ref, base: dict, common: dict, progress) -> list[d
     parity = tokenizer_check(artifact.folder, ref.tokenizer, ref.text)
     checks.append(_check("tokenizer_parity", parity["passed"], "ids and chat template identical" if parity["passed"] else "tokenizers differ"))
     ctx = artifact.entry.get("context_length") or 0
-    kv = {"per_token": 2 * facts["states"][KEY_CACHE][0] * facts["states"][KEY_CACHE][2] * facts["states"][KEY_CACHE][4] * 2,
-          "max_length": ctx}
-    kv["at_max_length"] = kv["per_token"] * ctx
+    kv = None
+    if KEY_CACHE in facts["states"]:  # a package without it already failed coreml_kv_states
+        layers, _, kv_heads, _, head_dim = facts["states"][KEY_CACHE]
+        per_token = 2 * layers * kv_heads * head_dim * 2  # keys + values, fp16
+        kv = {"per_token": per_token, "max_length": ctx, "at_max_length": per_token * ctx}
     record = {**base, "checks": checks, "tokenizer": parity, "coreml": facts, "kv_cache_bytes": kv}
     records = []
     progress.message(f"validate: {artifact.name} (saved ML program, numpy)")
