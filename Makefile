@@ -37,7 +37,7 @@ bench-full: setup
 	$(BIN)/python benchmarks/bench_full.py --out build/bench --work build/full
 
 # The main job end to end on a built-in tiny checkpoint: quantize (ONNX + Core ML), chat,
-# validate, report, app bundle + verify. No network, about two minutes.
+# validate, report, app bundle + verify. No network, about a minute.
 demo: setup
 	rm -rf $(DEMO)
 	$(BIN)/phi3-export fixture --recipe phi-3-mini-4k --train-steps 300 --hidden 128 --out $(DEMO)/checkpoint

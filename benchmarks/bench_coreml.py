@@ -21,12 +21,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_awq import smollm2_checkpoint
+from bench_full import folder_mb
 
 from phi3_export.memory import run_measured
-
-
-def folder_mb(folder: Path) -> float:
-    return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6, 1)
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ from phi3_export.checkpoint import Checkpoint
 from phi3_export.checkpoint.check import check_recipe, matching_recipes
 from phi3_export.errors import Phi3ExportError
 from phi3_export.export.coreml import MLPACKAGE, export_coreml
-from phi3_export.export.coreml.artifact import MINIMUM_OS
 from phi3_export.export.coreml.artifact import context_length as coreml_context_length
+from phi3_export.export.coreml.contract import MINIMUM_OS
 from phi3_export.export.onnx.artifact import export_onnx
 from phi3_export.export.onnx.targets import resolve_target
 from phi3_export.output import check_free_space, file_entries, staged_output

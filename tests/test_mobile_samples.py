@@ -7,8 +7,7 @@ import tree_sitter
 import tree_sitter_kotlin
 import tree_sitter_swift
 
-from phi3_export.export.coreml.artifact import MLPACKAGE
-from phi3_export.export.coreml.program import CAUSAL_MASK, INPUT_IDS, LOGITS
+from phi3_export.export.coreml.contract import CAUSAL_MASK, INPUT_IDS, LOGITS, MLPACKAGE
 from phi3_export.package.targets import COREML_DIR, ONNX_DIR
 
 MOBILE = Path(__file__).resolve().parents[1] / "mobile"

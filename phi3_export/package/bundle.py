@@ -60,11 +60,12 @@ def _check_source(artifact: Artifact) -> None:
 
 
 def _model_facts(folder: str, artifact: Artifact) -> dict:
-    from phi3_export.validate.run import _weight_count
+    from phi3_export.export.onnx.targets import TARGETS as ONNX_TARGETS
+    from phi3_export.validate.run import kv_cache_bytes, weight_count
 
     entry, manifest = artifact.entry, artifact.manifest
     size = entry.get("size_bytes") or sum(f["size"] for f in entry.get("files", []))
-    weights = _weight_count(manifest)
+    weights = weight_count(manifest)
     facts = {"artifact": artifact.name, "folder": folder, "format": entry.get("format"), "target": entry.get("target"),
              "recipe": (manifest.get("recipe") or {}).get("name"), "settings": manifest.get("settings"),
              "size_bytes": size, "bits_per_weight": round(8 * size / weights, 3) if weights else None, "weights": weights}
@@ -73,14 +74,10 @@ def _model_facts(folder: str, artifact: Artifact) -> dict:
         facts.update(context_length=config["context_length"], max_length=config["context_length"],
                      kv_cache_bytes_at_max_length=config["kv_cache_bytes"])
     else:
-        genai = json.loads((artifact.folder / "genai_config.json").read_text())
-        dec = genai["model"]["decoder"]
-        max_length = genai["search"]["max_length"]
-        kv_dtype = 2 if entry.get("target") == "dml" else 4
-        facts.update(context_length=genai["model"].get("context_length"), max_length=max_length,
+        kv = kv_cache_bytes(artifact, ONNX_TARGETS[entry["target"]].io_dtype, [])
+        facts.update(context_length=artifact.genai_config["model"].get("context_length"), max_length=kv["max_length"],
                      accuracy_level=entry.get("accuracy_level"), providers=entry.get("providers"),
-                     kv_cache_bytes_at_max_length=2 * dec["num_hidden_layers"] * dec["num_key_value_heads"] * dec["head_size"]
-                     * kv_dtype * max_length)
+                     kv_cache_bytes_at_max_length=kv["at_max_length"])
     return facts
 
 

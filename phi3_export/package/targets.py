@@ -24,8 +24,8 @@ class BundleTarget:
     limits: tuple[SizeLimit, ...]
 
 
-# Store limits as their documentation states them (App Store: uncompressed app size; Google
-# Play Asset Delivery: per-pack and cumulative download sizes). A model over them ships as a
+# Store limits (App Store: uncompressed app size, as the issue states it; Google Play Asset
+# Delivery: per-pack and cumulative download sizes as documented in 2021, possibly raised since). A model over them ships as a
 # first-launch download, or split across packs where the format allows.
 APP_STORE = SizeLimit("App Store uncompressed app size", 4 * GB,
                       "download the model at first launch (Background Assets) instead of shipping it in the app")

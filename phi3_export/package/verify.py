@@ -81,7 +81,7 @@ def _load_onnx(folder: Path, result: VerifyResult, rel: str) -> None:
 
 
 def _load_coreml(folder: Path, result: VerifyResult, rel: str) -> None:
-    from phi3_export.export.coreml.program import CAUSAL_MASK, INPUT_IDS, KEY_CACHE, LOGITS, VALUE_CACHE
+    from phi3_export.export.coreml.contract import CAUSAL_MASK, INPUT_IDS, KEY_CACHE, LOGITS, VALUE_CACHE
 
     package = folder / "model.mlpackage"
     try:

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from phi3_export.export.coreml.artifact import MLPACKAGE
-from phi3_export.export.coreml.program import CAUSAL_MASK, INPUT_IDS, KEY_CACHE, LOGITS, VALUE_CACHE
-from phi3_export.validate import accuracy
+from phi3_export.export.coreml.contract import CAUSAL_MASK, INPUT_IDS, KEY_CACHE, LOGITS, MLPACKAGE, VALUE_CACHE
+from phi3_export.validate import accuracy, tokenizer_parity
 from phi3_export.validate.coreml_program import CoreMLDecoder, MilProgram
-from phi3_export.validate.tokenizer_parity import PARITY_MESSAGES
+from phi3_export.validate.tokenizer_parity import PARITY_MESSAGES, reference_tokenizer
 
 READER = "mil-reader"  # the record's "provider" for the numpy evaluation of the saved program
 MACOS_REASON = "Core ML prediction needs macOS 15 or iOS 18 (this machine: {os})"
@@ -52,7 +51,7 @@ def structural_checks(program: MilProgram, entry: dict, settings: dict | None, f
         name, weight = op.outputs[0].name, op.inputs["weight"].arguments[0].name
         linears.append(name)
         if weight in constexpr:
-            bits[name] = _bits_of(program, constexpr[weight], constexpr[weight].inputs["data"].arguments[0])
+            bits[name] = _bits_of(program, constexpr[weight])
     expected = (settings or {}).get("bits")
     overrides = {k: v for k, v in ((settings or {}).get("overrides") or {}).items() if v in ("int4", "int8")}
     wrong = [w for w in linears if w not in bits or (bits[w] != expected and not _overridden(w, overrides, bits[w]))]
@@ -65,18 +64,9 @@ def structural_checks(program: MilProgram, entry: dict, settings: dict | None, f
     return checks, facts
 
 
-def _bits_of(program: MilProgram, op, data_arg) -> int:
-    if data_arg.name:
-        for const in program.block.operations:
-            if const.type == "const" and const.outputs[0].name == data_arg.name:
-                dtype = const.outputs[0].type.tensorType.dataType
-                break
-        else:
-            return 0
-    else:
-        dtype = data_arg.value.type.tensorType.dataType
+def _bits_of(program: MilProgram, op) -> int:
     t = program.types
-    return {t.UINT4: 4, t.INT4: 4, t.UINT8: 8, t.INT8: 8}.get(dtype, 0)
+    return {t.UINT4: 4, t.INT4: 4, t.UINT8: 8, t.INT8: 8}.get(program.constant_dtype(op, "data"), 0)
 
 
 def _overridden(linear: str, overrides: dict, bits: int) -> bool:
@@ -85,38 +75,28 @@ def _overridden(linear: str, overrides: dict, bits: int) -> bool:
 
 def tokenizer_check(folder: Path, ref_tokenizer, text: str) -> dict:
     """The artifact's tokenizer files, read by transformers as swift-transformers reads them, vs the reference."""
-    from phi3_export.validate.tokenizer_parity import reference_tokenizer
-
     ours = reference_tokenizer(folder)
-    a, b = ours(text, add_special_tokens=False).input_ids, ref_tokenizer(text, add_special_tokens=False).input_ids
-    result = {"ids_equal": list(a) == list(b), "artifact_tokens": len(a), "reference_tokens": len(b)}
-    if ref_tokenizer.chat_template:
-        render = lambda t: t.apply_chat_template(PARITY_MESSAGES, tokenize=False, add_generation_prompt=True)
-        result["chat_template_equal"] = render(ours) == render(ref_tokenizer)
-    else:
-        result["chat_template_equal"] = None
-    result["passed"] = result["ids_equal"] and result["chat_template_equal"] is not False
-    return result
+    prompt = (ours.apply_chat_template(PARITY_MESSAGES, tokenize=False, add_generation_prompt=True)
+              if ref_tokenizer.chat_template else None)
+    return tokenizer_parity.compare(list(ours(text, add_special_tokens=False).input_ids), prompt, ref_tokenizer, text)
 
 
-def program_accuracy(package: Path, ref, progress) -> dict:
-    decoder = CoreMLDecoder(package, "fp16")
-    window = min(ref.window, decoder.context_length)
+def program_accuracy(program: MilProgram, ref, progress) -> dict:
+    """Windows no longer than the program's context (the caller checks)."""
+    decoder = CoreMLDecoder(program, "fp16")
 
     def artifact_logits():
         for seq in ref.sequences():
             decoder.reset()
             yield decoder(seq[:-1])
 
-    if window < ref.window:
-        raise ValueError(f"window {ref.window} exceeds the Core ML context length {decoder.context_length}")
     summary = accuracy.compare_windows(ref.ids, ref.window_logits(progress), artifact_logits(), ref.window, ref.stride)
     return {**summary, "eval_text": ref.text_name, "eval_sha256": ref.text_sha, "eval_tokens": len(ref.ids),
             "window": ref.window, "stride": ref.stride,
             "how": "the saved ML program (model.mlmodel + weight.bin) evaluated op by op in numpy, fp16 activations"}
 
 
-def macos_prediction(package: Path, ref) -> dict:  # pragma: no cover - needs macOS 15
+def macos_prediction(package: Path, ref, progress) -> dict:  # pragma: no cover - needs macOS 15
     """Core ML's own prediction on the first window, vs the reference (runs on macOS only)."""
     import coremltools as ct
 
@@ -126,7 +106,7 @@ def macos_prediction(package: Path, ref) -> dict:  # pragma: no cover - needs ma
     ids = np.asarray(seq[:-1], np.int32)[None]
     out = model.predict({INPUT_IDS: ids, CAUSAL_MASK: np.zeros((1, 1, ids.shape[1], ids.shape[1]), np.float16)}, state=state)
     cmp = accuracy.Comparison()
-    reference = next(iter(ref.window_logits(None)))
+    reference = next(iter(ref.window_logits(progress)))
     cmp.add(reference, np.asarray(out[LOGITS], np.float32)[0], np.asarray(seq[1:]))
     return cmp.summary()
 
@@ -150,11 +130,11 @@ def validate_coreml(artifact, ref, base: dict, common: dict, progress) -> list[d
         records.append({**record, "provider": READER, "status": "not run",
                         "reason": f"--window {ref.window} exceeds the artifact's context length {ctx}", **common})
     else:
-        records.append({**record, "provider": READER, "status": "ok", "accuracy": program_accuracy(package, ref, progress),
+        records.append({**record, "provider": READER, "status": "ok", "accuracy": program_accuracy(program, ref, progress),
                         "speed": {"status": "not run", "reason": "the numpy reader measures accuracy, not device speed"},
                         **common})
     if platform.system() == "Darwin":  # pragma: no cover - needs macOS 15
-        records.append({**record, "provider": "coreml", "status": "ok", "accuracy_first_window": macos_prediction(package, ref),
+        records.append({**record, "provider": "coreml", "status": "ok", "accuracy_first_window": macos_prediction(package, ref, progress),
                         **common})
     else:
         records.append({**record, "provider": "coreml", "status": "not run",

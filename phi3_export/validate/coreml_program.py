@@ -12,6 +12,7 @@ Only the ops the phi3-export program uses are implemented; any other op raises.
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -109,17 +110,28 @@ class MilProgram:
         array = np.asarray(data, dtype=self.np_dtype(dtype, precision)).reshape(shape)
         return array
 
+    @cached_property
+    def consts(self) -> dict[str, object]:
+        """const ops by output name."""
+        return {o.outputs[0].name: o for o in self.block.operations if o.type == "const"}
+
+    def _constant(self, op, key: str):
+        """The proto Value of ``op``'s input ``key`` when it is constant (a const op's, or given inline), else None."""
+        arg = op.inputs[key].arguments[0]
+        if not arg.name:
+            return arg.value
+        const = self.consts.get(arg.name)
+        return None if const is None else const.attributes["val"]
+
     def constant_inputs(self, op, precision: str = "fp16") -> dict[str, np.ndarray]:
-        """The values of ``op``'s constant inputs (a const op's, or given inline)."""
-        consts = {o.outputs[0].name: o for o in self.block.operations if o.type == "const"}
-        out = {}
-        for key, binding in op.inputs.items():
-            arg = binding.arguments[0]
-            if not arg.name:
-                out[key] = self.value(arg.value, precision)
-            elif arg.name in consts:
-                out[key] = self.value(consts[arg.name].attributes["val"], precision)
-        return out
+        """The values of ``op``'s constant inputs."""
+        values = {key: self._constant(op, key) for key in op.inputs}
+        return {key: self.value(v, precision) for key, v in values.items() if v is not None}
+
+    def constant_dtype(self, op, key: str) -> int | None:
+        """MIL data type of ``op``'s constant input ``key`` (None if it is not constant)."""
+        value = self._constant(op, key)
+        return None if value is None else value.type.tensorType.dataType
 
     # ---- running ---------------------------------------------------------------------------
     def run(self, feeds: dict[str, np.ndarray], states: dict[str, np.ndarray], precision: str = "fp16") -> dict[str, np.ndarray]:
@@ -279,8 +291,8 @@ class MilProgram:
 class CoreMLDecoder:
     """Token-in, logits-out over a ``MilProgram`` with its KV states (a Python stand-in for MLState)."""
 
-    def __init__(self, package: Path, precision: str = "fp16"):
-        self.program = MilProgram(package)
+    def __init__(self, package: Path | MilProgram, precision: str = "fp16"):
+        self.program = package if isinstance(package, MilProgram) else MilProgram(package)
         self.precision = precision
         self.reset()
 

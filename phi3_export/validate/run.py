@@ -135,7 +135,7 @@ def _providers_for(artifact: Artifact, options: ValidateOptions) -> tuple[str, .
     return TARGET_PROVIDERS.get(artifact.entry.get("target"), tuple(artifact.entry.get("providers") or ("cpu",)))
 
 
-def _kv_bytes(artifact: Artifact, decoder_dtype: np.dtype, contexts: list[int]) -> dict:
+def kv_cache_bytes(artifact: Artifact, decoder_dtype: np.dtype, contexts: list[int]) -> dict:
     dec = artifact.genai_config["model"]["decoder"]
     per_token = 2 * dec["num_hidden_layers"] * dec["num_key_value_heads"] * dec["head_size"] * np.dtype(decoder_dtype).itemsize
     max_length = artifact.max_length
@@ -258,7 +258,7 @@ def _speed(artifact: Artifact, provider: str, ref: Reference, options: ValidateO
     return speed, memory
 
 
-def _weight_count(manifest: dict) -> int | None:
+def weight_count(manifest: dict) -> int | None:
     """Weights in the model (from the manifest's facts): the denominator of bits per weight."""
     from phi3_export.arch import architecture
     from phi3_export.recipes.schema import ModelFacts
@@ -291,7 +291,7 @@ def validate_artifacts(path: Path, reference: Path, options: ValidateOptions, pr
         base = {"artifact": artifact.name, "path": str(artifact.folder), "format": artifact.entry.get("format"),
                 "target": artifact.entry.get("target"), "size_bytes": artifact.entry.get("size_bytes"),
                 "recipe": (manifest.get("recipe") or {}).get("name"), "settings": manifest.get("settings"),
-                "weights": _weight_count(manifest)}
+                "weights": weight_count(manifest)}
         if artifact.entry.get("format") == "coreml":
             from phi3_export.validate.coreml import validate_coreml
 
@@ -323,7 +323,7 @@ def validate_artifacts(path: Path, reference: Path, options: ValidateOptions, pr
                 record["long_context"] = _long_context(decoder, artifact, ref)
                 task.advance("long context")
                 contexts = [n + options.new_tokens for n in options.prompt_lengths]
-                record["kv_cache_bytes"] = _kv_bytes(artifact, decoder.dtype, contexts)
+                record["kv_cache_bytes"] = kv_cache_bytes(artifact, decoder.dtype, contexts)
                 if options.speed:
                     record["speed"], record["memory"] = _speed(artifact, provider, ref, options)
                     task.advance("speed")

@@ -35,7 +35,12 @@ def check(artifact: Path, ref, text: str) -> dict:
     config = og.Config(str(artifact))
     config.clear_providers()  # the tokenizer is the same on every provider; the CPU one is always there
     tokenizer = og.Tokenizer(og.Model(config))
-    ours = [int(t) for t in tokenizer.encode(text)]
+    prompt = tokenizer.apply_chat_template(json.dumps(PARITY_MESSAGES), add_generation_prompt=True) if ref.chat_template else None
+    return compare([int(t) for t in tokenizer.encode(text)], prompt, ref, text)
+
+
+def compare(ours: list[int], ours_prompt: str | None, ref, text: str) -> dict:
+    """The artifact's ids for ``text`` and its rendering of PARITY_MESSAGES against the reference's."""
     theirs = list(ref(text, add_special_tokens=False).input_ids)
     mismatch = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
     if mismatch is None and len(ours) != len(theirs):
@@ -49,11 +54,10 @@ def check(artifact: Path, ref, text: str) -> dict:
     if mismatch is not None:
         result["at_mismatch"] = {"artifact": ours[mismatch : mismatch + 5], "reference": theirs[mismatch : mismatch + 5]}
     if ref.chat_template:
-        ours_prompt = tokenizer.apply_chat_template(json.dumps(PARITY_MESSAGES), add_generation_prompt=True)
         theirs_prompt = ref.apply_chat_template(PARITY_MESSAGES, tokenize=False, add_generation_prompt=True)
         result["chat_template_equal"] = ours_prompt == theirs_prompt
         if ours_prompt != theirs_prompt:
-            result["chat_template"] = {"artifact": ours_prompt[:300], "reference": theirs_prompt[:300]}
+            result["chat_template"] = {"artifact": (ours_prompt or "")[:300], "reference": theirs_prompt[:300]}
     else:
         result["chat_template_equal"] = None  # the reference has no template to compare with
     result["passed"] = result["ids_equal"] and result["chat_template_equal"] is not False

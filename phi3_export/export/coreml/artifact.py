@@ -19,16 +19,8 @@ from pathlib import Path
 from phi3_export.arch.base import Architecture
 from phi3_export.checkpoint.reader import Checkpoint
 from phi3_export.errors import Phi3ExportError
+from phi3_export.export.coreml.contract import CAUSAL_MASK, INPUT_IDS, KEY_CACHE, LOGITS, MINIMUM_OS, MLPACKAGE, VALUE_CACHE
 from phi3_export.export.coreml.ct import coremltools, quiet_passes
-from phi3_export.export.coreml.program import (
-    CAUSAL_MASK,
-    INPUT_IDS,
-    KEY_CACHE,
-    LOGITS,
-    VALUE_CACHE,
-    ProgramShape,
-    build_program,
-)
 from phi3_export.export.coreml.weights import WeightStore
 from phi3_export.export.onnx.artifact import copy_tokenizer_files
 from phi3_export.export.onnx.decoder import DecoderShape
@@ -37,10 +29,8 @@ from phi3_export.quant.qcheckpoint import QuantizedCheckpoint
 from phi3_export.recipes.schema import ModelFacts, Recipe
 from phi3_export.versions import tool_version
 
-MLPACKAGE = "model.mlpackage"
 SPEC = Path("Data/com.apple.CoreML/model.mlmodel")
 WEIGHTS = Path("Data/com.apple.CoreML/weights/weight.bin")
-MINIMUM_OS = {"iOS": "18.0", "macOS": "15.0"}
 # Item identifiers in Manifest.json are UUIDs; derive them from the item path.
 _MANIFEST_NAMESPACE = uuid.UUID("6f0b1f3e-6d1c-4b8e-9a57-3c1f2d7e5a10")
 _DROPPED_METADATA = ("com.github.apple.coremltools.conversion_date",)
@@ -99,6 +89,8 @@ def export_coreml(
     qckpt: QuantizedCheckpoint, ckpt: Checkpoint, arch: type[Architecture], facts: ModelFacts, recipe: Recipe,
     settings: dict, out: Path, progress: Progress, ctx: int,
 ) -> Path:
+    from phi3_export.export.coreml.program import ProgramShape, build_program  # imports coremltools
+
     ct = coremltools()
     out.mkdir(parents=True)
     shape = ProgramShape(DecoderShape.from_config(qckpt.config, facts), ctx)

@@ -26,11 +26,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from phi3_export.arch.base import Architecture
+from phi3_export.export.coreml.contract import CAUSAL_MASK, INPUT_IDS, LOGITS
+from phi3_export.export.coreml.ct import coremltools
 from phi3_export.export.coreml.weights import WeightStore
 from phi3_export.export.onnx.decoder import DecoderShape
 from phi3_export.export.onnx.rotary import cos_sin
 
-INPUT_IDS, CAUSAL_MASK, KEY_CACHE, VALUE_CACHE, LOGITS = "inputIds", "causalMask", "keyCache", "valueCache", "logits"
+# Imported only when a Core ML export runs (artifact.py imports this module lazily).
+ct = coremltools()
+from coremltools.converters.mil import Builder as mb
+from coremltools.converters.mil.mil import get_new_symbol, types
 
 
 @dataclass(frozen=True)
@@ -49,21 +54,15 @@ class DecoderProgram:
     # ---- weights ------------------------------------------------------------------------
     def weight(self, name: str, op_name: str):
         """A [rows, cols] weight: int blockwise constexpr if quantized, fp16 const otherwise."""
-        from coremltools.converters.mil import Builder as mb
-
         if self.w.q.is_quantized(name):
             bw = self.w.blockwise(name)
             return mb.constexpr_blockwise_shift_scale(data=bw.data, scale=bw.scale, offset=bw.offset, name=op_name)
         return mb.const(val=self.w.float16(name), name=op_name)
 
     def linear(self, x, name: str, op_name: str):
-        from coremltools.converters.mil import Builder as mb
-
         return mb.linear(x=x, weight=self.weight(name, f"{op_name}_weight"), name=op_name)
 
     def rms_norm(self, x, name: str, op_name: str):
-        from coremltools.converters.mil import Builder as mb
-
         x32 = mb.cast(x=x, dtype="fp32", name=f"{op_name}_fp32")
         mean_sq = mb.reduce_mean(x=mb.mul(x=x32, y=x32, name=f"{op_name}_sq"), axes=[-1], keep_dims=True, name=f"{op_name}_mean")
         inv = mb.rsqrt(x=mean_sq, epsilon=np.float32(self.s.eps), name=f"{op_name}_rsqrt")
@@ -72,8 +71,6 @@ class DecoderProgram:
 
     # ---- positions, masks, rotary ------------------------------------------------------------
     def positions(self, ids, mask):
-        from coremltools.converters.mil import Builder as mb
-
         q_len = mb.squeeze(x=mb.slice_by_index(x=mb.shape(x=ids), begin=[1], end=[2]), axes=[0], name="q_len")
         end = mb.squeeze(x=mb.slice_by_index(x=mb.shape(x=mask), begin=[3], end=[4]), axes=[0], name="end")
         past = mb.sub(x=end, y=q_len, name="past")
@@ -82,8 +79,6 @@ class DecoderProgram:
 
     def attention_bias(self, mask, pos, end):
         """[1, 1, q, end] additive: the caller's mask + causal + sliding window."""
-        from coremltools.converters.mil import Builder as mb
-
         keys = mb.range_1d(start=np.int32(0), end=end, step=np.int32(1), name="key_positions")
         dist = mb.sub(x=mb.expand_dims(x=pos, axes=[1]), y=mb.expand_dims(x=keys, axes=[0]), name="distance")
         allowed = mb.greater_equal(x=dist, y=np.int32(0), name="causal")
@@ -95,8 +90,6 @@ class DecoderProgram:
         return mb.add(x=bias, y=mask, name="attention_bias")
 
     def rotary_tables(self, pos, end):
-        from coremltools.converters.mil import Builder as mb
-
         dim, scale = self.s.rotary_dim, self.rope["attention_factor"]
 
         def rows(kind: str, factors):
@@ -115,8 +108,6 @@ class DecoderProgram:
 
     def rotate(self, x, heads: int, cos, sin, op_name: str):
         """Rotary on the first rotary_dim dims of each head (halves, not interleaved)."""
-        from coremltools.converters.mil import Builder as mb
-
         half, rot, hd = self.s.rotary_dim // 2, self.s.rotary_dim, self.s.head_dim
 
         def part(a: int, b: int, tag: str):
@@ -131,15 +122,11 @@ class DecoderProgram:
 
     # ---- layers ---------------------------------------------------------------------------------
     def heads_first(self, x, heads: int, op_name: str):
-        from coremltools.converters.mil import Builder as mb
-
         x = mb.reshape(x=x, shape=[1, -1, heads, self.s.head_dim], name=f"{op_name}_split_heads")
         return mb.transpose(x=x, perm=[0, 2, 1, 3], name=op_name)
 
     def cache_update(self, state, new, i: int, past, end, op_name: str):
         """Write ``new`` [1, kv, q, hd] at positions past..end of layer i; return [1, kv, end, hd] of it."""
-        from coremltools.converters.mil import Builder as mb
-
         kv, hd = self.s.kv_heads, self.s.head_dim
         past1 = mb.expand_dims(x=past, axes=[0], name=f"{op_name}_past")
         end1 = mb.expand_dims(x=end, axes=[0], name=f"{op_name}_end")
@@ -154,8 +141,6 @@ class DecoderProgram:
 
     def expand_kv(self, x, op_name: str):
         """GQA: repeat each KV head for the query heads that read it (transformers' repeat_kv order)."""
-        from coremltools.converters.mil import Builder as mb
-
         rep = self.s.heads // self.s.kv_heads
         if rep == 1:
             return x
@@ -164,8 +149,6 @@ class DecoderProgram:
         return mb.reshape(x=x, shape=[1, self.s.heads, -1, self.s.head_dim], name=op_name)
 
     def layer(self, i: int, residual, states, past, end, cos, sin, bias):
-        from coremltools.converters.mil import Builder as mb
-
         s, a, p = self.s, self.arch, f"layers_{i}"
         h = self.rms_norm(residual, a.layer_tensor("input_layernorm", i), f"{p}_input_layernorm")
         qkv = self.linear(h, a.layer_tensor("qkv_proj", i), f"{p}_qkv_proj")
@@ -187,16 +170,12 @@ class DecoderProgram:
         return mb.add(x=residual, y=self.linear(act, a.layer_tensor("down_proj", i), f"{p}_down_proj"), name=f"{p}_mlp_residual")
 
     def embedding(self, ids):
-        from coremltools.converters.mil import Builder as mb
-
         table = self.weight(self.arch.embed, "embed_tokens_weight")
         if self.s.tied:
             self.tied_table = table  # one constant: the LM head reads the same codes
         return mb.gather(x=table, indices=ids, axis=0, name="embed_tokens")
 
     def lm_head(self, x):
-        from coremltools.converters.mil import Builder as mb
-
         if self.s.tied:
             logits = mb.linear(x=x, weight=self.tied_table, name="lm_head")
         else:
@@ -217,12 +196,6 @@ class DecoderProgram:
 
 
 def build_program(weights: WeightStore, arch: type[Architecture], shape: ProgramShape, rope: dict, progress_task=None):
-    from phi3_export.export.coreml.ct import coremltools
-
-    ct = coremltools()
-    from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.mil import get_new_symbol, types
-
     s, ctx = shape.decoder, shape.context_length
     cache = (s.layers, 1, s.kv_heads, ctx, s.head_dim)
     specs = [mb.TensorSpec((1, get_new_symbol()), dtype=types.int32),
