@@ -20,11 +20,13 @@ from phi3_export.export.coreml.artifact import context_length as coreml_context_
 from phi3_export.export.coreml.contract import MINIMUM_OS
 from phi3_export.export.onnx.artifact import export_onnx
 from phi3_export.export.onnx.targets import resolve_target
+from phi3_export.job import Job
 from phi3_export.output import check_free_space, file_entries, staged_output
 from phi3_export.progress import Progress
 from phi3_export.quant.qcheckpoint import QuantizedCheckpoint
+from phi3_export.quant.request import QuantizeRequest
 from phi3_export.quant.settings import QuantSettings
-from phi3_export.quant.stage import QUANTIZERS, QuantizeRequest
+from phi3_export.quant.stage import QUANTIZERS
 from phi3_export.recipes import Recipe, list_recipes, load_recipe
 from phi3_export.versions import library_versions, tool_version
 
@@ -99,13 +101,13 @@ def _request(recipe: Recipe, needs_calibration: bool, calib_text, samples, seqle
     return QuantizeRequest(calibration_text=text, awq=options, resume=True)
 
 
-def _warn_slow_int8(settings: QuantSettings, arch, resolved, progress: Progress) -> None:
+def _warn_slow_int8(settings: QuantSettings, plan, resolved, progress: Progress) -> None:
     """8-bit MatMulNBits with fp32 compute has no fast CPU kernel in onnxruntime 1.32.
 
     Measured on SmolLM2-135M (tied int8 LM head, accuracy level 1): ~5 decode tok/s
     against ~65 with an int4 table and ~100 with the int8 table at accuracy level 4.
     """
-    roles = [r for r in (*arch.layer_linears, "lm_head") if settings.precision(r) == "int8"]
+    roles = [r for r in (*plan.decoder.roles, "lm_head") if settings.precision(r) == "int8"]
     slow = [t.name for t in resolved if t.name in ("cpu", "mobile") and t.accuracy_level < 4]
     if roles and slow:
         progress.warning(f"int8 weights ({', '.join(roles)}) at accuracy level < 4 on target {', '.join(slow)}: onnxruntime "
@@ -138,6 +140,7 @@ def quantize(
         raise Phi3ExportError(f"{ckpt.folder / 'config.json'}: no 'architectures' entry")
     arch = architecture(arch_name, source=str(ckpt.folder / "config.json"))
     facts = arch.facts_from_config(ckpt.config, ckpt.tokenizer_kind)
+    plan = arch.plan(ckpt.config)
     choice = choose_recipe(ckpt, facts, recipe)
     progress.message(f"recipe: {choice.recipe.name} ({choice.how})")
     settings = QuantSettings.from_recipe(
@@ -148,13 +151,15 @@ def quantize(
     for fmt in formats:
         if fmt not in FORMATS:
             raise Phi3ExportError(f"--format: unknown format {fmt!r} (available: {', '.join(FORMATS)}, all)")
+        if fmt in plan.refused_formats:
+            raise Phi3ExportError(f"--format {fmt}: not available for {facts.architecture}: {plan.refused_formats[fmt]}")
     if "coreml" in formats and settings.bits not in COREML_BITS:
         raise Phi3ExportError(f"--format coreml: --bits {settings.bits} is not available (the program computes in fp16; "
                               f"choose --bits {', '.join(map(str, COREML_BITS))})")
     chosen_targets = (targets or tuple(choice.recipe.export.targets)) if "onnx" in formats else ()
     resolved = [resolve_target(t, choice.recipe, settings.bits, settings.accuracy_level, max_length) for t in chosen_targets]
     coreml_context = coreml_context_length(choice.recipe, facts, max_length) if "coreml" in formats else None
-    _warn_slow_int8(settings, arch, resolved, progress)
+    _warn_slow_int8(settings, plan, resolved, progress)
     out = Path(out)
     if out.exists() and not force:
         raise Phi3ExportError(f"{out}: output already exists (use --force to replace it)")
@@ -163,15 +168,16 @@ def quantize(
     quantizer = QUANTIZERS[settings.method]
     request = _request(choice.recipe, quantizer.needs_calibration, calib_text, calib_samples, calib_seqlen, seed)
 
+    job = Job(ckpt=ckpt, arch=arch, plan=plan, facts=facts, recipe=choice.recipe, settings=settings, progress=progress)
     with staged_output(out, force) as staging:
         # A resumable method works in a folder that outlives a failed or interrupted run.
         qdir = out.parent / f".{out.name}.{settings.method}-work" if quantizer.resumable else staging / "quantized"
-        quantizer.run(ckpt, arch, facts, settings, qdir, progress, request)
+        quantizer.run(job, qdir, request)
         qckpt = QuantizedCheckpoint(qdir)
         artifacts = []
         for target in resolved:
             folder = staging / f"onnx-{target.name}"
-            export_onnx(qckpt, ckpt, arch, facts, target, folder, progress)
+            export_onnx(job, qckpt, target, folder)
             files = file_entries(folder, staging)
             artifacts.append({
                 "name": artifact_name(choice.recipe, settings, "onnx", target.name),
@@ -182,8 +188,7 @@ def quantize(
             })
         if coreml_context is not None:
             folder = staging / "coreml"
-            export_coreml(qckpt, ckpt, arch, facts, choice.recipe, {**settings.as_dict(), "tag": settings.tag}, folder,
-                          progress, coreml_context)
+            export_coreml(job, qckpt, folder, coreml_context)
             files = file_entries(folder, staging)
             artifacts.append({
                 "name": artifact_name(choice.recipe, settings, "coreml", None), "format": "coreml", "target": None,
@@ -210,6 +215,8 @@ def quantize(
             },
             "recipe": {"name": choice.recipe.name, "how_chosen": choice.how},
             "settings": settings.as_dict(),
+            # Linears AWQ left to plain RTN (a MoE expert too few calibration tokens reached).
+            **({"rtn_fallback": qckpt.meta["awq_rtn_fallback"]} if qckpt.meta.get("awq_rtn_fallback") else {}),
             "model": json.loads(facts.model_dump_json()),
             "artifacts": artifacts,
         }

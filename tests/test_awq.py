@@ -20,8 +20,7 @@ def test_folding_every_group_leaves_logits_unchanged(recipe, fixture_dir):
     # Random positive scales in every declared group, V->o_proj under GQA included.
     folder = fixture_dir(recipe)
     ckpt = Checkpoint(folder)
-    arch = architecture("Phi3ForCausalLM")
-    facts = arch.facts_from_config(ckpt.config, ckpt.tokenizer_kind)
+    plan = architecture("Phi3ForCausalLM").plan(ckpt.config)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -29,19 +28,19 @@ def test_folding_every_group_leaves_logits_unchanged(recipe, fixture_dir):
     state = model.state_dict()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for i in range(facts.num_layers):
-            weights = {role: state[arch.layer_tensor(role, i)] for role in (*arch.layer_norms, *arch.layer_linears)}
-            for group in arch.scaling_groups:
-                channels = weights[group.linears[0]].shape[1]
+        for layer in plan.decoder.layers:
+            weights = {name: state[name] for name in layer.tensors()}
+            for group in layer.scaling_groups:
+                channels = group.linears[0].shape[1]
                 if group.kv_shared:
-                    channels = facts.num_kv_heads * facts.head_dim
+                    channels = group.kv_shared.kv_heads * group.kv_shared.head_dim
                 s = torch.exp(torch.randn(channels, generator=gen) * 0.5)
-                assert expand_scale(group, s, facts).shape[0] == weights[group.linears[0]].shape[1]
-                fold_scale(weights, group, s, arch, facts)  # in place, on the model's own tensors
+                assert expand_scale(group, s).shape[0] == group.linears[0].shape[1]
+                fold_scale(weights, group, s)  # in place, on the model's own tensors
         after = model(ids).logits
     assert (after - before).abs().max() <= 1e-4
-    changed = state[arch.layer_tensor("o_proj", 0)]
-    assert not torch.allclose(changed, AutoModelForCausalLM.from_pretrained(folder).state_dict()[arch.layer_tensor("o_proj", 0)])
+    o_proj = plan.decoder.layers[0].attention.o.weight
+    assert not torch.allclose(state[o_proj], AutoModelForCausalLM.from_pretrained(folder).state_dict()[o_proj])
 
 
 def test_awq_exports_and_generates_deterministically(fixture_dir, tmp_path):

@@ -9,46 +9,55 @@ optionally partial (Phi-4-mini rotates 0.75 of each head).
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any
 
-from phi3_export.arch.base import Architecture, ScalingGroup
+from phi3_export.arch.base import Architecture, causal_mask
+from phi3_export.arch.plan import (
+    Attention,
+    Decoder,
+    DecoderLayer,
+    Linear,
+    Mlp,
+    ModelPlan,
+    Norm,
+    Rotary,
+    Rows,
+    ScalingGroup,
+)
 from phi3_export.arch.registry import register
 from phi3_export.checkpoint.config import rope_settings
 from phi3_export.recipes.schema import ModelFacts
 
 
+def longrope_attention_factor(config: dict[str, Any], rope: dict[str, Any]) -> float:
+    """LongRoPE's cos/sin multiplier: the config's, else sqrt(1 + ln(scale) / ln(original context))."""
+    if rope["kind"] != "longrope":
+        return 1.0
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    ctx = config.get("max_position_embeddings", 4096)
+    orig = config.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or ctx
+    scale = ctx / orig
+    return 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(orig))
+
+
+def rotary_of(config: dict[str, Any], head_dim: int, scales: tuple[float, float] | None = None) -> Rotary:
+    """The plan's Rotary from config.json (plain or LongRoPE, partial rotary)."""
+    rope = rope_settings(config)
+    ctx = config.get("max_position_embeddings", 4096)
+    orig = config.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or ctx
+    dim = int(head_dim * rope["partial_rotary_factor"])
+    if rope["kind"] != "longrope":
+        return Rotary(dim=dim, theta=rope["theta"], original_context=orig)
+    factor = longrope_attention_factor(config, rope)
+    short_scale, long_scale = scales or (factor, factor)
+    return Rotary(dim=dim, theta=rope["theta"], original_context=orig, short_factor=tuple(rope["short_factor"]),
+                  long_factor=tuple(rope["long_factor"]), short_scale=short_scale, long_scale=long_scale)
+
+
 @register
 class Phi3(Architecture):
     names = ("Phi3ForCausalLM",)
-
-    layer_prefix = "model.layers.{i}."
-    embed = "model.embed_tokens.weight"
-    final_norm = "model.norm.weight"
-    lm_head = "lm_head.weight"
-    layer_norms: ClassVar[dict[str, str]] = {
-        "input_layernorm": "model.layers.{i}.input_layernorm.weight",
-        "post_attention_layernorm": "model.layers.{i}.post_attention_layernorm.weight",
-    }
-    layer_linears: ClassVar[dict[str, str]] = {
-        "qkv_proj": "model.layers.{i}.self_attn.qkv_proj.weight",
-        "o_proj": "model.layers.{i}.self_attn.o_proj.weight",
-        "gate_up_proj": "model.layers.{i}.mlp.gate_up_proj.weight",
-        "down_proj": "model.layers.{i}.mlp.down_proj.weight",
-    }
-    # Rows of the fused weights, in order: q|k|v and gate|up.
-    fused: ClassVar[dict[str, tuple[str, ...]]] = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}
-    scaling_groups = (
-        ScalingGroup(prev="input_layernorm", linears=("qkv_proj",), inspect="self_attn"),
-        ScalingGroup(prev="post_attention_layernorm", linears=("gate_up_proj",), inspect="mlp"),
-        ScalingGroup(prev="gate_up_proj", prev_rows="up", linears=("down_proj",)),
-        # V rows feed o_proj; under GQA one V channel feeds several heads' columns.
-        ScalingGroup(prev="qkv_proj", prev_rows="v", linears=("o_proj",), kv_shared=True),
-    )
-    # Q and K rows are not clip-searched: their error shows in attention scores, not in the
-    # linear's output the clip search scores (AutoAWQ's practice too); V rows are.
-    no_clip: ClassVar[dict[str, tuple[str, ...]]] = {"qkv_proj": ("q", "k")}
-    rope_kinds = ("default", "longrope")
-    mlp_activation = "silu"
 
     @classmethod
     def facts_from_config(cls, config: dict[str, Any], tokenizer_kind: str) -> ModelFacts:
@@ -76,16 +85,56 @@ class Phi3(Architecture):
         )
 
     @classmethod
-    def part_sizes(cls, facts: ModelFacts) -> dict[str, int]:
-        """Rows of each part of the fused projections, in ``fused`` order."""
-        q, kv = facts.num_heads * facts.head_dim, facts.num_kv_heads * facts.head_dim
-        return {"q": q, "k": kv, "v": kv, "gate": facts.intermediate_size, "up": facts.intermediate_size}
+    def layer(cls, config: dict[str, Any], i: int) -> DecoderLayer:
+        hidden, heads = config["hidden_size"], config["num_attention_heads"]
+        kv_heads = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or hidden // heads
+        inter, eps = config["intermediate_size"], float(config.get("rms_norm_eps", 1e-5))
+        q, kv = heads * head_dim, kv_heads * head_dim
+        p = f"model.layers.{i}."
+        qkv = Linear(f"{p}self_attn.qkv_proj.weight", "qkv_proj", (q + 2 * kv, hidden),
+                     parts=(("q", Rows(0, q)), ("k", Rows(q, q + kv)), ("v", Rows(q + kv, q + 2 * kv))),
+                     # Q and K rows are not clip-searched: their error shows in attention scores, not in
+                     # the linear's output the clip search scores (AutoAWQ's practice too); V rows are.
+                     unclipped=("q", "k"))
+        attention = Attention("dense", heads, kv_heads, head_dim, scale=float(head_dim**-0.5), qkv=qkv,
+                              o=Linear(f"{p}self_attn.o_proj.weight", "o_proj", (hidden, q)),
+                              sliding_window=config.get("sliding_window"))
+        gate_up = Linear(f"{p}mlp.gate_up_proj.weight", "gate_up_proj", (2 * inter, hidden),
+                         parts=(("gate", Rows(0, inter)), ("up", Rows(inter, 2 * inter))))
+        mlp = Mlp("swiglu", inter, gate_up, Linear(f"{p}mlp.down_proj.weight", "down_proj", (hidden, inter)))
+        attn_norm = Norm("rms", f"{p}input_layernorm.weight", eps, module="input_layernorm")
+        mlp_norm = Norm("rms", f"{p}post_attention_layernorm.weight", eps, module="post_attention_layernorm")
+        groups = (
+            ScalingGroup(prev=attn_norm, linears=(qkv,), inspect="self_attn"),
+            ScalingGroup(prev=mlp_norm, linears=(gate_up,), inspect="mlp"),
+            ScalingGroup(prev=gate_up, prev_part="up", linears=(mlp.down,)),
+            # V rows feed o_proj; under GQA one V channel feeds several heads' columns.
+            ScalingGroup(prev=qkv, prev_part="v", linears=(attention.o,), kv_shared=attention.kv_layout),
+        )
+        return DecoderLayer(i, p, attn_norm, attention, mlp_norm, mlp, groups)
+
+    @classmethod
+    def plan(cls, config: dict[str, Any]) -> ModelPlan:
+        hidden, heads = config["hidden_size"], config["num_attention_heads"]
+        head_dim = config.get("head_dim") or hidden // heads
+        vocab, tied = config["vocab_size"], bool(config.get("tie_word_embeddings", False))
+        embedding = "model.embed_tokens.weight"
+        decoder = Decoder(
+            hidden=hidden, vocab=vocab, heads=heads, kv_heads=config.get("num_key_value_heads") or heads, head_dim=head_dim,
+            embedding=embedding, layers=tuple(cls.layer(config, i) for i in range(config["num_hidden_layers"])),
+            final_norm=Norm("rms", "model.norm.weight", float(config.get("rms_norm_eps", 1e-5))),
+            lm_head=Linear(embedding if tied else "lm_head.weight", "lm_head", (vocab, hidden)), tied=tied,
+            rotary=rotary_of(config, head_dim),
+        )
+        return ModelPlan(architecture=config["architectures"][0], decoder=decoder, genai_type="phi3")
 
     @classmethod
     def weight_count(cls, facts: ModelFacts) -> int:
-        h, parts = facts.hidden_size, cls.part_sizes(facts)
-        attention = h * (parts["q"] + parts["k"] + parts["v"]) + parts["q"] * h
-        mlp = h * (parts["gate"] + parts["up"]) + parts["up"] * h
+        h, hd, inter = facts.hidden_size, facts.head_dim, facts.intermediate_size
+        q, kv = facts.num_heads * hd, facts.num_kv_heads * hd
+        attention = h * (q + 2 * kv) + q * h
+        mlp = h * 2 * inter + inter * h
         table = facts.vocab_size * h
         return facts.num_layers * (attention + mlp + 2 * h) + h + table * (1 if facts.tie_word_embeddings is True else 2)
 
@@ -98,10 +147,10 @@ class Phi3(Architecture):
         return hf
 
     @classmethod
-    def calibration_layer(cls, config: dict[str, Any], index: int):
+    def calibration_layer(cls, config: dict[str, Any], layer: DecoderLayer):
         from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer
 
-        return Phi3DecoderLayer(cls._hf_config(config), index).eval()
+        return Phi3DecoderLayer(cls._hf_config(config), layer.index).eval()
 
     @classmethod
     def calibration_inputs(cls, config: dict[str, Any], seq_len: int) -> dict[str, Any]:
@@ -111,23 +160,5 @@ class Phi3(Architecture):
         hf = cls._hf_config(config)
         positions = torch.arange(seq_len)[None, :]
         cos, sin = Phi3RotaryEmbedding(hf)(torch.zeros(1, dtype=torch.float32), positions)
-        query, key = torch.arange(seq_len)[:, None], torch.arange(seq_len)[None, :]
-        visible = key <= query
-        if hf.sliding_window is not None:
-            visible &= key > query - hf.sliding_window
-        mask = torch.zeros(seq_len, seq_len).masked_fill(~visible, float("-inf"))[None, None]
+        mask = causal_mask(seq_len, hf.sliding_window)
         return {"position_embeddings": (cos, sin), "attention_mask": mask, "position_ids": positions}
-
-    @classmethod
-    def rope_tables(cls, config: dict[str, Any]) -> dict[str, Any]:
-        rope = rope_settings(config)
-        if rope["kind"] != "longrope":
-            return {"short_factor": None, "long_factor": None, "attention_factor": 1.0}
-        ctx = config.get("max_position_embeddings", 4096)
-        orig = config.get("original_max_position_embeddings") or ctx
-        factor = rope.get("attention_factor")
-        if factor is None:
-            # LongRoPE's published default: sqrt(1 + ln(scale) / ln(original context)).
-            scale = ctx / orig
-            factor = 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(orig))
-        return {"short_factor": rope["short_factor"], "long_factor": rope["long_factor"], "attention_factor": factor}

@@ -26,4 +26,8 @@ def rope_settings(config: dict[str, Any]) -> dict[str, Any]:
         "short_factor": merged.get("short_factor"),
         "long_factor": merged.get("long_factor"),
         "attention_factor": merged.get("attention_factor"),
+        # Phi-3.5-MoE publishes its LongRoPE cos/sin multipliers instead of deriving them.
+        "short_mscale": merged.get("short_mscale"),
+        "long_mscale": merged.get("long_mscale"),
+        "original_max_position_embeddings": merged.get("original_max_position_embeddings"),
     }

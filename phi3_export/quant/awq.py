@@ -23,15 +23,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from phi3_export.arch.base import Architecture, ScalingGroup
+from phi3_export.arch.plan import DecoderLayer, Linear, Norm, ScalingGroup
 from phi3_export.checkpoint.reader import Checkpoint
+from phi3_export.checkpoint.stream import load_tensors, stream_layers
 from phi3_export.errors import Phi3ExportError
-from phi3_export.memory import release_freed_memory
-from phi3_export.progress import Progress
+from phi3_export.job import Job
 from phi3_export.quant.qcheckpoint import QuantizedCheckpointWriter
+from phi3_export.quant.request import QuantizeRequest
 from phi3_export.quant.rtn import quantize_rtn
 from phi3_export.quant.settings import QuantSettings
-from phi3_export.recipes.schema import ModelFacts
+from phi3_export.quant.store import group_name, store_globals, store_weights
 
 
 @dataclass(frozen=True)
@@ -45,49 +46,53 @@ class AwqOptions:
     max_shrink: float = 0.5
     score_tokens: int = 4096  # tokens used to score a scale candidate
     clip_tokens: int = 256  # tokens used to score a clip ratio
+    min_tokens: int = 32  # fewer calibration tokens reaching a linear (a rarely routed expert): plain RTN
 
 
 # ---- scale folding: exact in floating point, tested on its own ------------------------------
 
-def expand_scale(group: ScalingGroup, s: torch.Tensor, facts: ModelFacts) -> torch.Tensor:
+def expand_scale(group: ScalingGroup, s: torch.Tensor) -> torch.Tensor:
     """Scale per input column of the group's linears, from the searched per-channel scale."""
-    if not group.kv_shared:
+    kv = group.kv_shared
+    if kv is None:
         return s
     # One scale per KV-head channel; query head h reads KV head h // n_rep (transformers' repeat_kv).
-    n_rep = facts.num_heads // facts.num_kv_heads
-    return s.view(facts.num_kv_heads, 1, facts.head_dim).expand(-1, n_rep, -1).reshape(-1)
+    return s.view(kv.kv_heads, 1, kv.head_dim).expand(-1, kv.n_rep, -1).reshape(-1)
 
 
-def fold_scale(weights: dict[str, torch.Tensor], group: ScalingGroup, s: torch.Tensor, arch: type[Architecture],
-               facts: ModelFacts) -> None:
+def fold_scale(weights: dict[str, torch.Tensor], group: ScalingGroup, s: torch.Tensor) -> None:
     """W[:, c] *= s[c] for the group's linears and 1/s into ``prev``, in place; output unchanged."""
-    full = expand_scale(group, s, facts)
-    for role in group.linears:
-        weights[role].mul_(full[None, :])
-    prev = weights[group.prev]
-    if group.prev_rows == "all":
-        prev.div_(full if prev.ndim == 1 else full[:, None])
-    else:
-        prev[arch.rows_of(group.prev, group.prev_rows, facts)].div_(s[:, None])
+    full = expand_scale(group, s)
+    for linear in (*group.linears, *group.also_scaled):
+        weights[linear.weight].mul_(full[None, :])
+    prev = group.prev
+    if isinstance(prev, Norm):
+        for name in prev.tensors():  # LayerNorm: its bias too, since y = norm(x) * w + b
+            weights[name].div_(full)
+        return
+    rows = prev.rows(group.prev_part).slice() if group.prev_part else slice(None)
+    weights[prev.weight][rows].div_(s[:, None])
+    if prev.bias:
+        weights[prev.bias][rows].div_(s)
 
 
-def channel_stat(group: ScalingGroup, x: torch.Tensor, facts: ModelFacts) -> torch.Tensor:
+def channel_stat(group: ScalingGroup, x: torch.Tensor) -> torch.Tensor:
     """mean |x| per scalable channel (per KV-head channel for a kv_shared group)."""
-    return _per_scalable_channel(group, x.abs().mean(dim=0), facts)
+    return _per_scalable_channel(group, x.abs().mean(dim=0))
 
 
-def weight_stat(group: ScalingGroup, w: torch.Tensor, block: int, facts: ModelFacts) -> torch.Tensor:
+def weight_stat(group: ScalingGroup, w: torch.Tensor, block: int) -> torch.Tensor:
     """mean over rows of |w| normalised by its block's max: how large each input channel's weights are."""
     rows, cols = w.shape
     blocks = w.abs().view(rows, -1, block) if cols % block == 0 else w.abs()[:, None, :]
     normalised = (blocks / blocks.amax(dim=-1, keepdim=True).clamp(min=1e-8)).reshape(rows, cols)
-    return _per_scalable_channel(group, normalised.mean(dim=0), facts)
+    return _per_scalable_channel(group, normalised.mean(dim=0))
 
 
-def _per_scalable_channel(group: ScalingGroup, stat: torch.Tensor, facts: ModelFacts) -> torch.Tensor:
-    if group.kv_shared:
-        n_rep = facts.num_heads // facts.num_kv_heads
-        stat = stat.view(facts.num_kv_heads, n_rep, facts.head_dim).mean(dim=1).reshape(-1)
+def _per_scalable_channel(group: ScalingGroup, stat: torch.Tensor) -> torch.Tensor:
+    kv = group.kv_shared
+    if kv is not None:
+        stat = stat.view(kv.kv_heads, kv.n_rep, kv.head_dim).mean(dim=1).reshape(-1)
     return stat
 
 
@@ -106,15 +111,15 @@ def _output_error(x: torch.Tensor, w_ref: torch.Tensor, w_new: torch.Tensor, chu
 
 
 def search_scale(group: ScalingGroup, x: torch.Tensor, weights: list[torch.Tensor], settings: QuantSettings, bits: int,
-                 facts: ModelFacts, grid: int, score=None) -> tuple[torch.Tensor, float]:
+                 grid: int, score=None) -> tuple[torch.Tensor, float]:
     """Best s over the alpha grid; ``score(candidate_weights)`` defaults to the linears' output error."""
     w = torch.cat(weights, dim=0)
     if score is None:
         def score(candidate: list[torch.Tensor]) -> float:
             return _output_error(x, w, torch.cat(candidate, dim=0))
-    stat = channel_stat(group, x, facts)
+    stat = channel_stat(group, x)
     # Activation and weight magnitudes both (AutoAWQ's "duo scaling"): s = x^a / w^(1-a).
-    w_stat = weight_stat(group, w, settings.block_size, facts)
+    w_stat = weight_stat(group, w, settings.block_size)
     # Start from no scaling at all, so the search never does worse than plain RTN on its score.
     best_s, best_alpha = torch.ones_like(stat), None
     best_err = score([_fake_quant(wi, settings, bits) for wi in weights])
@@ -122,22 +127,24 @@ def search_scale(group: ScalingGroup, x: torch.Tensor, weights: list[torch.Tenso
         alpha = k / grid
         s = (stat.pow(alpha) / w_stat.pow(1 - alpha).clamp(min=1e-4)).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        full = expand_scale(group, s, facts)
+        full = expand_scale(group, s)
         err = score([_fake_quant(wi * full[None, :], settings, bits) / full[None, :] for wi in weights])
         if err < best_err:
             best_s, best_err, best_alpha = s, err, alpha
     return best_s, best_alpha
 
 
-def module_scorer(layer: torch.nn.Module, group: ScalingGroup, arch: type[Architecture], x: torch.Tensor, extra: dict):
+def module_scorer(module: torch.nn.Module, layer: DecoderLayer, group: ScalingGroup, x: torch.Tensor, extra: dict):
     """Scores candidate weights of ``group`` by the output of its ``inspect`` submodule on ``x``."""
-    module = layer.get_submodule(group.inspect)
-    linears = [layer.get_submodule(arch.module_path(role)) for role in group.linears]
-    kwargs = {k: v for k, v in extra.items() if k in ("position_embeddings", "attention_mask")} if group.inspect != "mlp" else {}
+    inspected = module.get_submodule(group.inspect)
+    linears = [module.get_submodule(layer.module_path(lin.weight)) for lin in group.linears]
+    # The attention submodule needs the RoPE tables and the mask; an MLP or MoE block only x.
+    wants = ("position_embeddings", "attention_mask") if group.inspect == layer.attention.module else ()
+    kwargs = {k: v for k, v in extra.items() if k in wants}
 
     def run() -> torch.Tensor:
         with torch.no_grad():
-            out = module(x, **kwargs)
+            out = inspected(x, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     reference = run()
@@ -216,10 +223,10 @@ class ResumeState:
         state = json.loads(self.state_path.read_text())
         return state if state.get("fingerprint") == self.fingerprint else None
 
-    def save(self, layers_done: int, tensors: dict, activations: torch.Tensor) -> None:
+    def save(self, layers_done: int, tensors: dict, activations: torch.Tensor, rtn_fallback: list[str]) -> None:
         save_file({"x": activations.contiguous()}, str(self.folder / "awq_activations.tmp"))
         (self.folder / "awq_activations.tmp").replace(self.folder / "awq_activations.safetensors")
-        doc = {"fingerprint": self.fingerprint, "layers_done": layers_done, "tensors": tensors}
+        doc = {"fingerprint": self.fingerprint, "layers_done": layers_done, "tensors": tensors, "rtn_fallback": rtn_fallback}
         (self.folder / "awq_state.tmp").write_text(json.dumps(doc))
         (self.folder / "awq_state.tmp").replace(self.state_path)
 
@@ -241,22 +248,26 @@ def fingerprint(ckpt: Checkpoint, settings: QuantSettings, options: AwqOptions, 
 
 # ---- the layer loop ---------------------------------------------------------------------
 
-def _capture_inputs(layer: torch.nn.Module, arch: type[Architecture], x: torch.Tensor, extra: dict,
+def _capture_inputs(module: torch.nn.Module, layer: DecoderLayer, x: torch.Tensor, extra: dict,
                     batch: int = 4) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    captured: dict[str, list[torch.Tensor]] = {role: [] for role in arch.layer_linears}
+    """Every linear's input (a MoE expert's: only the tokens routed to it), and the layer's output."""
+    linears = layer.linears()
+    captured: dict[str, list[torch.Tensor]] = {lin.weight: [] for lin in linears}
     hooks = [
-        layer.get_submodule(arch.module_path(role)).register_forward_hook(
-            lambda _m, inputs, _out, role=role: captured[role].append(inputs[0].detach())
+        module.get_submodule(layer.module_path(lin.weight)).register_forward_hook(
+            lambda _m, inputs, _out, name=lin.weight: captured[name].append(inputs[0].detach())
         )
-        for role in arch.layer_linears
+        for lin in linears
     ]
     try:
         with torch.no_grad():
-            y = torch.cat([layer(x[i : i + batch], **extra) for i in range(0, x.shape[0], batch)])
+            y = torch.cat([module(x[i : i + batch], **extra) for i in range(0, x.shape[0], batch)])
     finally:
         for hook in hooks:
             hook.remove()
-    return {role: torch.cat(parts) for role, parts in captured.items()}, y
+    columns = {lin.weight: lin.shape[1] for lin in linears}
+    return {name: torch.cat([p.reshape(-1, columns[name]) for p in parts]) if parts else torch.empty(0, columns[name])
+            for name, parts in captured.items()}, y
 
 
 def _subsample(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -266,98 +277,99 @@ def _subsample(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return x[idx]
 
 
-def awq_layer(weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor], arch: type[Architecture],
-              facts: ModelFacts, settings: QuantSettings, options: AwqOptions, seed: int,
-              layer: torch.nn.Module | None = None, extra: dict | None = None) -> dict[str, float]:
-    """Scale and clip one layer's weights in place; returns the chosen alpha per group.
+@dataclass
+class LayerResult:
+    alphas: dict[str, float | None]
+    rtn_fallback: list[str]  # linears left to plain RTN: too few calibration tokens reached them
 
-    ``inputs`` holds each linear's captured input as [samples, seqlen, channels]; ``layer``
-    (the float layer module) lets groups with ``inspect`` be scored by a submodule's output.
+
+def awq_layer(weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor], layer: DecoderLayer,
+              settings: QuantSettings, options: AwqOptions, seed: int, module: torch.nn.Module | None = None,
+              extra: dict | None = None) -> LayerResult:
+    """Scale and clip one layer's weights in place.
+
+    ``inputs`` holds each linear's captured input as [tokens, channels] (tokens of the
+    calibration windows in order, so windows of ``options.seqlen`` for every linear the whole
+    sequence reaches); ``module`` (the float layer) lets groups with ``inspect`` be scored by a
+    submodule's output. A linear that fewer than ``options.min_tokens`` tokens reached (a MoE
+    expert the router rarely picks) keeps its plain RTN rounding: no scale, no clip.
     """
     bits = settings.bits
     input_scale: dict[str, torch.Tensor] = {}
-    alphas = {}
-    flat = {role: x.reshape(-1, x.shape[-1]) for role, x in inputs.items()}
-    for group in arch.scaling_groups:
-        x = _subsample(flat[group.linears[0]], options.score_tokens, seed)
+    result = LayerResult({}, [])
+    starved = {name for name, x in inputs.items() if x.shape[0] < options.min_tokens}
+    for group in layer.scaling_groups:
+        source = (group.also_scaled or group.linears)[0].weight  # a tensor every token of the group's input reaches
+        members = {lin.weight for lin in group.linears} | ({group.prev.weight} if isinstance(group.prev, Linear) else set())
+        if members & starved:
+            continue
+        x = _subsample(inputs[source], options.score_tokens, seed)
         score = None
-        if group.inspect and layer is not None:
-            samples = max(1, options.score_tokens // inputs[group.linears[0]].shape[1])
-            score = module_scorer(layer, group, arch, inputs[group.linears[0]][:samples], extra or {})
-        s, alpha = search_scale(group, x, [weights[r] for r in group.linears], settings, bits, facts, options.alpha_grid, score)
-        fold_scale(weights, group, s, arch, facts)
-        for role in group.linears:
-            input_scale[role] = expand_scale(group, s, facts)
-        alphas[f"{group.prev}->{'+'.join(group.linears)}"] = alpha
+        if group.inspect and module is not None:
+            windows = inputs[source].view(-1, options.seqlen, inputs[source].shape[-1])
+            samples = max(1, options.score_tokens // options.seqlen)
+            score = module_scorer(module, layer, group, windows[:samples], extra or {})
+        s, alpha = search_scale(group, x, [weights[lin.weight] for lin in group.linears], settings, bits, options.alpha_grid, score)
+        fold_scale(weights, group, s)
+        for lin in group.linears:
+            input_scale[lin.weight] = expand_scale(group, s)
+        result.alphas[group.label] = alpha
+    result.rtn_fallback = sorted(starved)
     if options.clip:
-        for role in arch.layer_linears:
-            x = _subsample(flat[role], options.clip_tokens, seed + 1)
-            if role in input_scale:
-                x = x / input_scale[role][None, :]
-            skipped = arch.no_clip.get(role, ())
-            for part in arch.fused.get(role, (None,)) if skipped else (None,):
-                if part in skipped:
-                    continue
-                rows = arch.rows_of(role, part, facts) if part else slice(None)
-                weights[role][rows] = search_clip(x, weights[role][rows], settings, bits, options)
-    return alphas
+        for lin in layer.linears():
+            if not lin.quantize or lin.weight in starved:
+                continue
+            x = _subsample(inputs[lin.weight], options.clip_tokens, seed + 1)
+            if lin.weight in input_scale:
+                x = x / input_scale[lin.weight][None, :]
+            for rows in lin.clipped_rows():
+                weights[lin.weight][rows] = search_clip(x, weights[lin.weight][rows], settings, bits, options)
+    return result
 
 
-def awq_quantize_checkpoint(
-    ckpt: Checkpoint, arch: type[Architecture], facts: ModelFacts, settings: QuantSettings, out: Path,
-    progress: Progress, request,
-) -> Path:
+def awq_quantize_checkpoint(job: Job, out: Path, request: QuantizeRequest) -> Path:
     """AWQ into ``out``; with ``request.resume``, finished layers there are kept and reused."""
-    from phi3_export.quant.stage import quantize_rows, store_globals
-
+    ckpt, settings, layers = job.ckpt, job.settings, job.plan.decoder.layers
     options: AwqOptions = request.awq or AwqOptions()
     calibration_text = request.calibration_text
 
     if not settings.quantized:
         raise Phi3ExportError(f"--method awq needs --bits 4 or 8, not {settings.bits}")
-    meta = {"architecture": facts.architecture, "config": ckpt.config, "settings": settings.as_dict(),
+    meta = {"architecture": job.facts.architecture, "config": ckpt.config, "settings": settings.as_dict(),
             "awq": asdict(options)}
     writer = QuantizedCheckpointWriter(out, meta)
     state = ResumeState(out, fingerprint(ckpt, settings, options, calibration_text))
     saved = state.load() if request.resume else None
-    extra = arch.calibration_inputs(ckpt.config, options.seqlen)
+    extra = job.arch.calibration_inputs(ckpt.config, options.seqlen)
+    fallback: list[str] = []
     if saved:
         start, x = saved["layers_done"], state.activations()
-        writer.tensors = saved["tensors"]
-        progress.message(f"awq: resuming after layer {start - 1}")
+        writer.tensors, fallback = saved["tensors"], saved.get("rtn_fallback", [])
+        job.progress.message(f"awq: resuming after layer {start - 1}")
     else:
         start = 0
         for stale in out.glob("*.safetensors"):  # a different run's layers: start afresh
             stale.unlink()
         state.clear()
         tokens = calibration_tokens(ckpt, calibration_text, options)
-        x = ckpt.gather_rows(arch.embed, tokens)  # only the calibration tokens' rows, never the whole table
-    with progress.task("awq", facts.num_layers - start) as task:
-        for i in range(start, facts.num_layers):
-            weights = {role: ckpt.tensor(arch.layer_tensor(role, i)) for role in (*arch.layer_norms, *arch.layer_linears)}
-            layer = arch.loaded_layer(ckpt.config, i, weights)  # a copy: the search edits ``weights``
-            inputs, y = _capture_inputs(layer, arch, x, extra)
-            awq_layer(weights, inputs, arch, facts, settings, options, seed=options.seed + i, layer=layer, extra=extra)
-            del inputs, layer
-            for role in arch.layer_norms:
-                name = arch.layer_tensor(role, i)
-                writer.add_float(name, weights[role].to(ckpt.torch_dtype(name)), role)
-            for role in arch.layer_linears:
-                precision = settings.precision(role)
-                name = arch.layer_tensor(role, i)
-                if precision in ("int4", "int8"):
-                    writer.add_quantized_rows(name, quantize_rows(weights[role], int(precision[3:]), settings), role)
-                else:
-                    writer.add_float(name, weights[role], role)
-            writer.flush(f"layer-{i:03d}")
+        x = ckpt.gather_rows(job.plan.decoder.embedding, tokens)  # only the calibration tokens' rows, never the whole table
+    with job.progress.task("awq", len(layers) - start) as task:
+        for layer in stream_layers(ckpt, layers[start:], task):
+            weights = load_tensors(ckpt, layer.tensors())
+            module = job.arch.loaded_layer(ckpt.config, layer, weights)  # a copy: the search edits ``weights``
+            inputs, y = _capture_inputs(module, layer, x, extra)
+            done = awq_layer(weights, inputs, layer, settings, options, seed=options.seed + layer.index, module=module, extra=extra)
+            fallback += done.rtn_fallback
+            del inputs, module
+            for group, blocks in layer.tensor_groups():
+                store_weights(writer, blocks, weights, ckpt, settings)
+                writer.flush(group_name(layer, group))
             del weights
-            ckpt.close()  # unmap the shards read so far (see rtn_quantize_checkpoint)
-            release_freed_memory()
             x = y
             if request.resume:
-                state.save(i + 1, writer.tensors, x)
-            task.advance(f"layer {i}")
-    store_globals(writer, ckpt, arch, facts, settings)
+                state.save(layer.index + 1, writer.tensors, x, fallback)
+    writer.meta["awq_rtn_fallback"] = fallback
+    store_globals(writer, ckpt, job.plan.decoder, settings)
     writer.close()
     state.clear()
     return out

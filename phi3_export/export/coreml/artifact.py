@@ -16,15 +16,12 @@ import shutil
 import uuid
 from pathlib import Path
 
-from phi3_export.arch.base import Architecture
-from phi3_export.checkpoint.reader import Checkpoint
 from phi3_export.errors import Phi3ExportError
 from phi3_export.export.coreml.contract import CAUSAL_MASK, INPUT_IDS, KEY_CACHE, LOGITS, MINIMUM_OS, MLPACKAGE, VALUE_CACHE
 from phi3_export.export.coreml.ct import coremltools, quiet_passes
 from phi3_export.export.coreml.weights import WeightStore
-from phi3_export.export.onnx.artifact import copy_tokenizer_files
-from phi3_export.export.onnx.decoder import DecoderShape
-from phi3_export.progress import Progress
+from phi3_export.export.tokenizer_files import copy_tokenizer_files
+from phi3_export.job import Job
 from phi3_export.quant.qcheckpoint import QuantizedCheckpoint
 from phi3_export.recipes.schema import ModelFacts, Recipe
 from phi3_export.versions import tool_version
@@ -85,21 +82,19 @@ def _metadata(model, recipe: Recipe, facts: ModelFacts, settings: dict, ctx: int
     })
 
 
-def export_coreml(
-    qckpt: QuantizedCheckpoint, ckpt: Checkpoint, arch: type[Architecture], facts: ModelFacts, recipe: Recipe,
-    settings: dict, out: Path, progress: Progress, ctx: int,
-) -> Path:
-    from phi3_export.export.coreml.program import ProgramShape, build_program  # imports coremltools
+def export_coreml(job: Job, qckpt: QuantizedCheckpoint, out: Path, ctx: int) -> Path:
+    from phi3_export.export.coreml.program import build_program  # imports coremltools
 
     ct = coremltools()
+    ckpt, facts, recipe, decoder = job.ckpt, job.facts, job.recipe, job.plan.decoder
+    settings = {**job.settings.as_dict(), "tag": job.settings.tag}
     out.mkdir(parents=True)
-    shape = ProgramShape(DecoderShape.from_config(qckpt.config, facts), ctx)
     scratch = out.parent / f".{out.name}.scratch"
     try:
         weights = WeightStore(qckpt, scratch)
-        with progress.task("coreml", shape.decoder.layers) as task:
-            program = build_program(weights, arch, shape, arch.rope_tables(qckpt.config), task)
-        progress.message("coreml: writing the ML program and its weights")
+        with job.progress.task("coreml", len(decoder.layers)) as task:
+            program = build_program(weights, decoder, ctx, task)
+        job.progress.message("coreml: writing the ML program and its weights")
         with quiet_passes():
             model = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
                                pass_pipeline=ct.PassPipeline.EMPTY, skip_model_load=True)
@@ -114,7 +109,7 @@ def export_coreml(
     shutil.copyfile(ckpt.folder / "config.json", out / "config.json")
     if (ckpt.folder / "generation_config.json").is_file():
         shutil.copyfile(ckpt.folder / "generation_config.json", out / "generation_config.json")
-    s = shape.decoder
+    s = decoder
     (out / "coreml_config.json").write_text(json.dumps({
         "package": MLPACKAGE,
         "minimum_os": MINIMUM_OS,
@@ -122,9 +117,9 @@ def export_coreml(
         "inputs": {INPUT_IDS: {"dtype": "int32", "shape": [1, f"1..{ctx}"]},
                    CAUSAL_MASK: {"dtype": "float16", "shape": [1, 1, "1 or q", "past + q"],
                                  "meaning": "additive mask; its last dimension tells the program how many tokens the cache holds"}},
-        "states": {name: {"dtype": "float16", "shape": [s.layers, 1, s.kv_heads, ctx, s.head_dim]} for name in (KEY_CACHE, VALUE_CACHE)},
+        "states": {name: {"dtype": "float16", "shape": [len(s.layers), 1, s.kv_heads, ctx, s.head_dim]} for name in (KEY_CACHE, VALUE_CACHE)},
         "outputs": {LOGITS: {"dtype": "float32", "shape": [1, "q", s.vocab]}},
-        "kv_cache_bytes": 2 * s.layers * s.kv_heads * ctx * s.head_dim * 2,
+        "kv_cache_bytes": 2 * len(s.layers) * s.kv_heads * ctx * s.head_dim * 2,
         "weights": "int blockwise (constexpr_blockwise_shift_scale): codes and zero points as in the ONNX artifact, scales float16",
     }, indent=2) + "\n")
     return out

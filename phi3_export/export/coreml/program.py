@@ -21,16 +21,17 @@ Phi-3's residual stream overflow fp16.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 
-from phi3_export.arch.base import Architecture
+from phi3_export.arch.plan import Attention, Decoder, Linear, Mlp, Norm
+from phi3_export.arch.rotary import rotary_tables
+from phi3_export.checkpoint.stream import stream_layers
+from phi3_export.errors import Phi3ExportError
 from phi3_export.export.coreml.contract import CAUSAL_MASK, INPUT_IDS, LOGITS
 from phi3_export.export.coreml.ct import coremltools
 from phi3_export.export.coreml.weights import WeightStore
-from phi3_export.export.onnx.decoder import DecoderShape
-from phi3_export.export.onnx.rotary import cos_sin
 
 # Imported only when a Core ML export runs (artifact.py imports this module lazily).
 ct = coremltools()
@@ -38,36 +39,36 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import get_new_symbol, types
 
 
-@dataclass(frozen=True)
-class ProgramShape:
-    decoder: DecoderShape
-    context_length: int
-
-
 class DecoderProgram:
-    """Emits the decoder's ops into the current MIL builder context."""
+    """Emits the decoder's ops into the current MIL builder context, walking the model plan.
 
-    def __init__(self, weights: WeightStore, arch: type[Architecture], shape: ProgramShape, rope: dict):
-        self.w, self.arch, self.s, self.ctx, self.rope = weights, arch, shape.decoder, shape.context_length, rope
+    Each block is emitted by the method ``NORMS``/``BLOCKS`` (below the class) hold for its kind.
+    """
+
+    def __init__(self, weights: WeightStore, decoder: Decoder, context_length: int):
+        self.weights, self.decoder, self.ctx = weights, decoder, context_length
         self.tied_table = None
 
     # ---- weights ------------------------------------------------------------------------
     def weight(self, name: str, op_name: str):
         """A [rows, cols] weight: int blockwise constexpr if quantized, fp16 const otherwise."""
-        if self.w.q.is_quantized(name):
-            bw = self.w.blockwise(name)
+        if self.weights.qckpt.is_quantized(name):
+            bw = self.weights.blockwise(name)
             return mb.constexpr_blockwise_shift_scale(data=bw.data, scale=bw.scale, offset=bw.offset, name=op_name)
-        return mb.const(val=self.w.float16(name), name=op_name)
+        return mb.const(val=self.weights.float16(name), name=op_name)
 
-    def linear(self, x, name: str, op_name: str):
-        return mb.linear(x=x, weight=self.weight(name, f"{op_name}_weight"), name=op_name)
+    def linear(self, x, linear: Linear, op_name: str):
+        if linear.bias:
+            bias = mb.const(val=self.weights.float16(linear.bias), name=f"{op_name}_bias")
+            return mb.linear(x=x, weight=self.weight(linear.weight, f"{op_name}_weight"), bias=bias, name=op_name)
+        return mb.linear(x=x, weight=self.weight(linear.weight, f"{op_name}_weight"), name=op_name)
 
-    def rms_norm(self, x, name: str, op_name: str):
+    def rms_norm(self, x, norm: Norm, op_name: str):
         x32 = mb.cast(x=x, dtype="fp32", name=f"{op_name}_fp32")
         mean_sq = mb.reduce_mean(x=mb.mul(x=x32, y=x32, name=f"{op_name}_sq"), axes=[-1], keep_dims=True, name=f"{op_name}_mean")
-        inv = mb.rsqrt(x=mean_sq, epsilon=np.float32(self.s.eps), name=f"{op_name}_rsqrt")
+        inv = mb.rsqrt(x=mean_sq, epsilon=np.float32(norm.eps), name=f"{op_name}_rsqrt")
         normed = mb.cast(x=mb.mul(x=x32, y=inv, name=f"{op_name}_scaled"), dtype="fp16", name=f"{op_name}_fp16")
-        return mb.mul(x=normed, y=self.weight(name, f"{op_name}_weight"), name=op_name)
+        return mb.mul(x=normed, y=self.weight(norm.weight, f"{op_name}_weight"), name=op_name)
 
     # ---- positions, masks, rotary ------------------------------------------------------------
     def positions(self, ids, mask):
@@ -82,7 +83,7 @@ class DecoderProgram:
         keys = mb.range_1d(start=np.int32(0), end=end, step=np.int32(1), name="key_positions")
         dist = mb.sub(x=mb.expand_dims(x=pos, axes=[1]), y=mb.expand_dims(x=keys, axes=[0]), name="distance")
         allowed = mb.greater_equal(x=dist, y=np.int32(0), name="causal")
-        window = self.s.sliding_window
+        window = self.decoder.layers[0].attention.sliding_window
         if window and window < self.ctx:
             allowed = mb.logical_and(x=allowed, y=mb.less(x=dist, y=np.int32(window)), name="causal_window")
         bias = mb.select(cond=allowed, a=np.float16(0), b=np.float16(-np.inf), name="bias")
@@ -90,25 +91,26 @@ class DecoderProgram:
         return mb.add(x=bias, y=mask, name="attention_bias")
 
     def rotary_tables(self, pos, end):
-        dim, scale = self.s.rotary_dim, self.rope["attention_factor"]
+        rotary = self.decoder.rotary
+        dim, tables = rotary.dim, rotary_tables(rotary, self.ctx)
 
-        def rows(kind: str, factors):
-            cos, sin = cos_sin(self.s.theta, dim, self.ctx, factors, scale)
+        def rows(kind: str):
+            suffix = f"_{kind}" if kind else ""
             return [mb.reshape(x=mb.gather(x=table.astype(np.float16), indices=pos, axis=0), shape=[1, 1, -1, dim // 2],
-                               name=f"rope_{part}{kind}") for part, table in (("cos", cos), ("sin", sin))]
+                               name=f"rope_{part}{suffix}") for part, table in zip(("cos", "sin"), tables[kind])]
 
-        if self.rope["short_factor"] is None:
-            return rows("", None)
-        short = rows("_short", self.rope["short_factor"])
-        long = rows("_long", self.rope["long_factor"])
+        if not rotary.longrope:
+            return rows("")
+        short, long = rows("short"), rows("long")
         # transformers switches every position to the long factors once the sequence
         # outgrows the original context (the ONNX export's Where does the same).
-        use_long = mb.greater(x=end, y=np.int32(self.s.original_context), name="rope_use_long")
+        use_long = mb.greater(x=end, y=np.int32(rotary.original_context), name="rope_use_long")
         return [mb.select(cond=use_long, a=lo, b=sh, name=f"rope_{part}") for part, sh, lo in zip(("cos", "sin"), short, long)]
 
     def rotate(self, x, heads: int, cos, sin, op_name: str):
-        """Rotary on the first rotary_dim dims of each head (halves, not interleaved)."""
-        half, rot, hd = self.s.rotary_dim // 2, self.s.rotary_dim, self.s.head_dim
+        """Rotary on the first rotary dims of each head (halves, not interleaved)."""
+        rot, hd = self.decoder.rotary.dim, self.decoder.head_dim
+        half = rot // 2
 
         def part(a: int, b: int, tag: str):
             return mb.slice_by_index(x=x, begin=[0, 0, 0, a], end=[1, heads, 0, b], end_mask=[False, False, True, False],
@@ -122,12 +124,12 @@ class DecoderProgram:
 
     # ---- layers ---------------------------------------------------------------------------------
     def heads_first(self, x, heads: int, op_name: str):
-        x = mb.reshape(x=x, shape=[1, -1, heads, self.s.head_dim], name=f"{op_name}_split_heads")
+        x = mb.reshape(x=x, shape=[1, -1, heads, self.decoder.head_dim], name=f"{op_name}_split_heads")
         return mb.transpose(x=x, perm=[0, 2, 1, 3], name=op_name)
 
     def cache_update(self, state, new, i: int, past, end, op_name: str):
         """Write ``new`` [1, kv, q, hd] at positions past..end of layer i; return [1, kv, end, hd] of it."""
-        kv, hd = self.s.kv_heads, self.s.head_dim
+        kv, hd = self.decoder.kv_heads, self.decoder.head_dim
         past1 = mb.expand_dims(x=past, axes=[0], name=f"{op_name}_past")
         end1 = mb.expand_dims(x=end, axes=[0], name=f"{op_name}_end")
         begin = mb.concat(values=[np.array([i, 0, 0], np.int32), past1, np.array([0], np.int32)], axis=0, name=f"{op_name}_begin")
@@ -139,73 +141,96 @@ class DecoderProgram:
         seen = mb.slice_by_index(x=cache, begin=start, end=stop, name=f"{op_name}_seen")
         return mb.reshape(x=seen, shape=[1, kv, -1, hd], name=f"{op_name}_layer")
 
-    def expand_kv(self, x, op_name: str):
+    def expand_kv(self, x, attn: Attention, op_name: str):
         """GQA: repeat each KV head for the query heads that read it (transformers' repeat_kv order)."""
-        rep = self.s.heads // self.s.kv_heads
+        rep = attn.heads // attn.kv_heads
         if rep == 1:
             return x
-        x = mb.reshape(x=x, shape=[1, self.s.kv_heads, 1, -1, self.s.head_dim], name=f"{op_name}_5d")
+        x = mb.reshape(x=x, shape=[1, attn.kv_heads, 1, -1, attn.head_dim], name=f"{op_name}_5d")
         x = mb.tile(x=x, reps=[1, 1, rep, 1, 1], name=f"{op_name}_tile")
-        return mb.reshape(x=x, shape=[1, self.s.heads, -1, self.s.head_dim], name=op_name)
+        return mb.reshape(x=x, shape=[1, attn.heads, -1, attn.head_dim], name=op_name)
 
-    def layer(self, i: int, residual, states, past, end, cos, sin, bias):
-        s, a, p = self.s, self.arch, f"layers_{i}"
-        h = self.rms_norm(residual, a.layer_tensor("input_layernorm", i), f"{p}_input_layernorm")
-        qkv = self.linear(h, a.layer_tensor("qkv_proj", i), f"{p}_qkv_proj")
-        q, k, v = mb.split(x=qkv, split_sizes=[s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim],
-                           axis=-1, name=f"{p}_qkv_split")
-        q = self.rotate(self.heads_first(q, s.heads, f"{p}_q"), s.heads, cos, sin, f"{p}_q_rope")
-        k = self.rotate(self.heads_first(k, s.kv_heads, f"{p}_k"), s.kv_heads, cos, sin, f"{p}_k_rope")
-        v = self.heads_first(v, s.kv_heads, f"{p}_v")
-        keys = self.expand_kv(self.cache_update(states[0], k, i, past, end, f"{p}_key_cache"), f"{p}_keys")
-        values = self.expand_kv(self.cache_update(states[1], v, i, past, end, f"{p}_value_cache"), f"{p}_values")
-        attn = mb.scaled_dot_product_attention(query=q, key=keys, value=values, attn_mask=bias, name=f"{p}_attention")
-        attn = mb.reshape(x=mb.transpose(x=attn, perm=[0, 2, 1, 3], name=f"{p}_attention_t"), shape=[1, -1, s.heads * s.head_dim],
-                          name=f"{p}_attention_merged")
-        residual = mb.add(x=residual, y=self.linear(attn, a.layer_tensor("o_proj", i), f"{p}_o_proj"), name=f"{p}_attn_residual")
-        h = self.rms_norm(residual, a.layer_tensor("post_attention_layernorm", i), f"{p}_post_attention_layernorm")
-        gate_up = self.linear(h, a.layer_tensor("gate_up_proj", i), f"{p}_gate_up_proj")
-        gate, up = mb.split(x=gate_up, split_sizes=[s.intermediate, s.intermediate], axis=-1, name=f"{p}_gate_up_split")
+    def dense_attention(self, attn: Attention, h, i: int, shared: dict):
+        p = f"layers_{i}"
+        if attn.qkv is not None:
+            qkv = self.linear(h, attn.qkv, f"{p}_qkv_proj")
+            q, k, v = mb.split(x=qkv, split_sizes=attn.qkv.part_sizes(), axis=-1, name=f"{p}_qkv_split")
+        else:
+            q, k, v = (self.linear(h, lin, f"{p}_{part}_proj") for part, lin in (("q", attn.q), ("k", attn.k), ("v", attn.v)))
+        cos, sin, past, end = shared["cos"], shared["sin"], shared["past"], shared["end"]
+        q = self.rotate(self.heads_first(q, attn.heads, f"{p}_q"), attn.heads, cos, sin, f"{p}_q_rope")
+        k = self.rotate(self.heads_first(k, attn.kv_heads, f"{p}_k"), attn.kv_heads, cos, sin, f"{p}_k_rope")
+        v = self.heads_first(v, attn.kv_heads, f"{p}_v")
+        keys = self.expand_kv(self.cache_update(shared["states"][0], k, i, past, end, f"{p}_key_cache"), attn, f"{p}_keys")
+        values = self.expand_kv(self.cache_update(shared["states"][1], v, i, past, end, f"{p}_value_cache"), attn, f"{p}_values")
+        out = mb.scaled_dot_product_attention(query=q, key=keys, value=values, attn_mask=shared["bias"], name=f"{p}_attention")
+        out = mb.reshape(x=mb.transpose(x=out, perm=[0, 2, 1, 3], name=f"{p}_attention_t"), shape=[1, -1, attn.heads * attn.head_dim],
+                         name=f"{p}_attention_merged")
+        return self.linear(out, attn.o, f"{p}_o_proj")
+
+    def swiglu_mlp(self, mlp: Mlp, h, i: int, _shared: dict):
+        p = f"layers_{i}"
+        gate_up = self.linear(h, mlp.gate_up, f"{p}_gate_up_proj")
+        gate, up = mb.split(x=gate_up, split_sizes=mlp.gate_up.part_sizes(), axis=-1, name=f"{p}_gate_up_split")
         act = mb.mul(x=mb.silu(x=gate, name=f"{p}_silu"), y=up, name=f"{p}_mlp_act")
-        return mb.add(x=residual, y=self.linear(act, a.layer_tensor("down_proj", i), f"{p}_down_proj"), name=f"{p}_mlp_residual")
+        return self.linear(act, mlp.down, f"{p}_down_proj")
+
+    def layer(self, layer, residual, shared: dict):
+        p = f"layers_{layer.index}"
+        h = _lookup(NORMS, layer.attn_norm.kind)(self, residual, layer.attn_norm, f"{p}_{layer.attn_norm.module}")
+        attn = _lookup(BLOCKS, layer.attention.kind)(self, layer.attention, h, layer.index, shared)
+        residual = mb.add(x=residual, y=attn, name=f"{p}_attn_residual")
+        h = _lookup(NORMS, layer.mlp_norm.kind)(self, residual, layer.mlp_norm, f"{p}_{layer.mlp_norm.module}")
+        return mb.add(x=residual, y=_lookup(BLOCKS, layer.mlp.kind)(self, layer.mlp, h, layer.index, shared),
+                      name=f"{p}_mlp_residual")
 
     def embedding(self, ids):
-        table = self.weight(self.arch.embed, "embed_tokens_weight")
-        if self.s.tied:
+        table = self.weight(self.decoder.embedding, "embed_tokens_weight")
+        if self.decoder.tied:
             self.tied_table = table  # one constant: the LM head reads the same codes
         return mb.gather(x=table, indices=ids, axis=0, name="embed_tokens")
 
     def lm_head(self, x):
-        if self.s.tied:
+        if self.decoder.tied:
             logits = mb.linear(x=x, weight=self.tied_table, name="lm_head")
         else:
-            logits = self.linear(x, self.arch.lm_head, "lm_head")
+            logits = self.linear(x, self.decoder.lm_head, "lm_head")
         return mb.cast(x=logits, dtype="fp32", name=LOGITS)
 
     def build(self, ids, mask, key_cache, value_cache, progress_task=None):
         past, end, pos = self.positions(ids, mask)
         bias = self.attention_bias(mask, pos, end)
         cos, sin = self.rotary_tables(pos, end)
+        shared = {"past": past, "end": end, "cos": cos, "sin": sin, "bias": bias, "states": (key_cache, value_cache)}
         x = self.embedding(ids)
-        for i in range(self.s.layers):
-            x = self.layer(i, x, (key_cache, value_cache), past, end, cos, sin, bias)
-            self.w.q.close()  # its codes now live in the scratch files: unmap the layer's quantized file
-            if progress_task is not None:
-                progress_task.advance(f"layer {i}")
-        return self.lm_head(self.rms_norm(x, self.arch.final_norm, "norm"))
+        # Each layer's codes live in the scratch files once emitted: unmap its quantized file after it.
+        for layer in stream_layers(self.weights.qckpt, self.decoder.layers, progress_task):
+            x = self.layer(layer, x, shared)
+        final = self.decoder.final_norm
+        return self.lm_head(_lookup(NORMS, final.kind)(self, x, final, "norm"))
 
 
-def build_program(weights: WeightStore, arch: type[Architecture], shape: ProgramShape, rope: dict, progress_task=None):
-    s, ctx = shape.decoder, shape.context_length
-    cache = (s.layers, 1, s.kv_heads, ctx, s.head_dim)
+NORMS: dict[str, Callable] = {"rms": DecoderProgram.rms_norm}
+BLOCKS: dict[str, Callable] = {"dense": DecoderProgram.dense_attention, "swiglu": DecoderProgram.swiglu_mlp}
+
+
+def _lookup(table: dict[str, Callable], kind: str) -> Callable:
+    try:
+        return table[kind]
+    except KeyError:
+        raise Phi3ExportError(f"Core ML export: block kind {kind!r} is not supported yet") from None
+
+
+def build_program(weights: WeightStore, decoder: Decoder, ctx: int, progress_task=None):
+    cache = (len(decoder.layers), 1, decoder.kv_heads, ctx, decoder.head_dim)
     specs = [mb.TensorSpec((1, get_new_symbol()), dtype=types.int32),
              mb.TensorSpec((1, 1, get_new_symbol(), get_new_symbol()), dtype=types.fp16),
              mb.StateTensorSpec(cache, dtype=types.fp16), mb.StateTensorSpec(cache, dtype=types.fp16)]
-    decoder = DecoderProgram(weights, arch, shape, rope)
+    program_builder = DecoderProgram(weights, decoder, ctx)
 
     @mb.program(input_specs=specs, opset_version=ct.target.iOS18)
     def program(inputIds, causalMask, keyCache, valueCache):
-        return decoder.build(inputIds, causalMask, keyCache, valueCache, progress_task)
+        return program_builder.build(inputIds, causalMask, keyCache, valueCache, progress_task)
 
     program.functions["main"].input_types = [
         ct.TensorType(name=INPUT_IDS, shape=ct.Shape((1, ct.RangeDim(1, ctx, default=1))), dtype=np.int32),

@@ -37,7 +37,7 @@ class BlockwiseWeight:
 
 class WeightStore:
     def __init__(self, qckpt: QuantizedCheckpoint, scratch: Path):
-        self.q = qckpt
+        self.qckpt = qckpt
         self.scratch = Path(scratch)
         self.scratch.mkdir(parents=True, exist_ok=True)
 
@@ -60,13 +60,13 @@ class WeightStore:
         coremltools()
         from coremltools.converters.mil.mil import types
 
-        info = self.q.info(name)
+        info = self.qckpt.info(name)
         bits, block = info["bits"], info["block_size"]
         rows, cols = info["shape"]
         if cols % block:
             raise Phi3ExportError(f"{name}: {cols} columns is not a whole number of {block}-weight blocks, "
                                   "which constexpr_blockwise_shift_scale needs")
-        packed, scales, zeros = self.q.packed(name)
+        packed, scales, zeros = self.qckpt.packed(name)
         step = max(1, ROW_BLOCK_WEIGHTS // cols)
         codes = self._mapped(self._file(name, "data"), (rows, cols), np.uint8,
                              (unpack_codes(packed[r : r + step], bits, cols).numpy() for r in range(0, rows, step)))
@@ -79,7 +79,7 @@ class WeightStore:
         return BlockwiseWeight(codes.view(sub_byte), scale, offset.view(sub_byte), bits)
 
     def float16(self, name: str) -> np.ndarray:
-        shape = tuple(self.q.info(name)["shape"])
+        shape = tuple(self.qckpt.info(name)["shape"])
         rows_per_block = max(1, ROW_BLOCK_WEIGHTS // max(1, int(np.prod(shape[1:]))))
-        blocks = (b.numpy() for b in self.q.float_row_blocks(name, torch.float16, rows_per_block))
+        blocks = (b.numpy() for b in self.qckpt.float_row_blocks(name, torch.float16, rows_per_block))
         return self._mapped(self._file(name, "fp16"), shape, np.float16, blocks)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from phi3_export.export.onnx.decoder import DecoderShape
+from phi3_export.arch.plan import ModelPlan
 from phi3_export.export.onnx.targets import ResolvedTarget
 
 STOP_TOKENS = ("<|end|>", "<|endoftext|>")
@@ -19,7 +19,8 @@ def _token_ids(tokenizer_json: Path, tokens: tuple[str, ...]) -> list[int]:
     return [t["id"] for t in added if t["content"] in tokens]
 
 
-def genai_config(config: dict[str, Any], shape: DecoderShape, target: ResolvedTarget, tokenizer_json: Path) -> dict[str, Any]:
+def genai_config(config: dict[str, Any], plan: ModelPlan, target: ResolvedTarget, tokenizer_json: Path) -> dict[str, Any]:
+    shape = plan.decoder
     eos = config.get("eos_token_id")
     eos_ids = list(eos) if isinstance(eos, list) else ([eos] if eos is not None else [])
     # Chat turns end with <|end|>: generation must stop there too, not only at <|endoftext|>.
@@ -49,12 +50,12 @@ def genai_config(config: dict[str, Any], shape: DecoderShape, target: ResolvedTa
                     "present_value_names": "present.%d.value",
                 },
                 "num_attention_heads": shape.heads,
-                "num_hidden_layers": shape.layers,
+                "num_hidden_layers": len(shape.layers),
                 "num_key_value_heads": shape.kv_heads,
             },
             "eos_token_id": eos_ids if len(eos_ids) != 1 else eos_ids[0],
             "pad_token_id": config.get("pad_token_id", eos_ids[0] if eos_ids else 0),
-            "type": "phi3",
+            "type": plan.genai_type,
             "vocab_size": shape.vocab,
         },
         "search": {
