@@ -217,7 +217,7 @@ def quantize(
             "settings": settings.as_dict(),
             # Linears AWQ left to plain RTN (a MoE expert too few calibration tokens reached).
             **({"rtn_fallback": qckpt.meta["awq_rtn_fallback"]} if qckpt.meta.get("awq_rtn_fallback") else {}),
-            "model": json.loads(facts.model_dump_json()),
+            "model": json.loads(facts.model_dump_json(exclude_none=True)),  # MoE facts only where they apply
             "artifacts": artifacts,
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -12,13 +12,6 @@ class Phi3Small(Architecture):
 
 
 @register
-class PhiMoE(Architecture):
-    names = ("PhiMoEForCausalLM",)
-    supported = False
-    why_unsupported = "mixture-of-experts layers need a MoE graph"
-
-
-@register
 class Phi3Vision(Architecture):
     names = ("Phi3VForCausalLM",)
     supported = False

@@ -10,10 +10,11 @@ from __future__ import annotations
 from phi3_export.errors import Phi3ExportError
 from phi3_export.recipes.schema import FROM_CHECKPOINT, ModelFacts, Recipe
 
-FEATURES = ("architecture", "rope.kind", "rope.partial_rotary_factor", "tie_word_embeddings", "sliding_window", "gqa_ratio")
+FEATURES = ("architecture", "rope.kind", "rope.partial_rotary_factor", "tie_word_embeddings", "sliding_window", "gqa_ratio",
+            "experts_per_token")
 DIMS = (
     "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size",
-    "context_length", "original_context_length", "rope.theta", "tokenizer",
+    "context_length", "original_context_length", "rope.theta", "tokenizer", "num_experts",
 )
 
 

@@ -54,6 +54,10 @@ class ModelFacts(Strict):
     sliding_window: int | Literal["none"] | FromCheckpoint
     tie_word_embeddings: bool | FromCheckpoint
     tokenizer: TokenizerKind
+    # Mixture of experts (Phi-3.5-MoE): experts per layer (intermediate_size is per expert) and
+    # experts each token is routed to. Absent for dense models.
+    num_experts: int | FromCheckpoint | None = Field(default=None, gt=0)
+    experts_per_token: int | FromCheckpoint | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelFacts:
