@@ -13,7 +13,7 @@ from pathlib import Path
 
 from phi3_export.arch import architecture
 from phi3_export.checkpoint import Checkpoint
-from phi3_export.checkpoint.check import check_recipe, matching_recipes
+from phi3_export.checkpoint.check import check_recipe, check_tensors, matching_recipes
 from phi3_export.errors import Phi3ExportError
 from phi3_export.export.coreml import MLPACKAGE, export_coreml
 from phi3_export.export.coreml.artifact import context_length as coreml_context_length
@@ -142,6 +142,7 @@ def quantize(
     facts = arch.facts_from_config(ckpt.config, ckpt.tokenizer_kind)
     plan = arch.plan(ckpt.config)
     choice = choose_recipe(ckpt, facts, recipe)
+    check_tensors(ckpt, plan)
     progress.message(f"recipe: {choice.recipe.name} ({choice.how})")
     settings = QuantSettings.from_recipe(
         choice.recipe.quantization, bits=bits, method=method, block_size=block_size, symmetric=symmetric,

@@ -127,7 +127,9 @@ class Phi3(Architecture):
             lm_head=Linear(embedding if tied else "lm_head.weight", "lm_head", (vocab, hidden)), tied=tied,
             rotary=rotary_of(config, head_dim),
         )
-        return ModelPlan(architecture=config["architectures"][0], decoder=decoder, genai_type="phi3")
+        # A tied checkpoint may still carry the LM head's copy of the table; the plan reads the table once.
+        ignorable = ("lm_head.weight",) if tied else ()
+        return ModelPlan(architecture=config["architectures"][0], decoder=decoder, genai_type="phi3", ignorable=ignorable)
 
     @classmethod
     def weight_count(cls, facts: ModelFacts) -> int:

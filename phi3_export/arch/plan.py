@@ -290,3 +290,5 @@ class ModelPlan:
     genai_type: str  # onnxruntime-genai's model type for this decoder
     # Formats this model cannot be exported to, each with its reason (the exporter says it).
     refused_formats: dict[str, str] = field(default_factory=dict)
+    # Checkpoint tensors the plan does not read and that are no error (each declared with its reason).
+    ignorable: tuple[str, ...] = ()

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from phi3_export.arch.plan import DecoderLayer, Linear, Norm, ScalingGroup
+from phi3_export.arch.plan import DecoderLayer, Norm, ScalingGroup
 from phi3_export.checkpoint.reader import Checkpoint
 from phi3_export.checkpoint.stream import load_tensors, stream_layers
 from phi3_export.errors import Phi3ExportError
@@ -291,17 +291,17 @@ def awq_layer(weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
     ``inputs`` holds each linear's captured input as [tokens, channels] (tokens of the
     calibration windows in order, so windows of ``options.seqlen`` for every linear the whole
     sequence reaches); ``module`` (the float layer) lets groups with ``inspect`` be scored by a
-    submodule's output. A linear that fewer than ``options.min_tokens`` tokens reached (a MoE
-    expert the router rarely picks) keeps its plain RTN rounding: no scale, no clip.
+    submodule's output. A group whose input fewer than ``options.min_tokens`` calibration tokens
+    reached (a MoE expert the router rarely picks) is not searched, nor are such linears clipped:
+    they keep plain RTN rounding (after any shared scale folded into their input, which is exact).
     """
     bits = settings.bits
     input_scale: dict[str, torch.Tensor] = {}
     result = LayerResult({}, [])
     starved = {name for name, x in inputs.items() if x.shape[0] < options.min_tokens}
     for group in layer.scaling_groups:
-        source = (group.also_scaled or group.linears)[0].weight  # a tensor every token of the group's input reaches
-        members = {lin.weight for lin in group.linears} | ({group.prev.weight} if isinstance(group.prev, Linear) else set())
-        if members & starved:
+        source = (group.also_scaled or group.linears)[0].weight  # a linear reading exactly the group's input
+        if source in starved:
             continue
         x = _subsample(inputs[source], options.score_tokens, seed)
         score = None

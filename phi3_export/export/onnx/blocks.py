@@ -11,8 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from phi3_export.arch.plan import Attention, Mlp, Norm
+import numpy as np
+import torch
+from onnx import numpy_helper
+
+from phi3_export.arch.plan import Attention, Linear, Mlp, Moe, Norm
 from phi3_export.errors import Phi3ExportError
+from phi3_export.quant.qcheckpoint import pack_codes
 
 if TYPE_CHECKING:
     from phi3_export.export.onnx.decoder import DecoderEmitter
@@ -89,4 +94,125 @@ def swiglu_mlp(em: DecoderEmitter, mlp: Mlp, h: str, i: int, _shared: dict[str, 
     return em.linear(prod, mlp.down, f"{p}/down_proj")
 
 
-BLOCK_EMITTERS: dict[str, Callable] = {"dense": dense_attention, "swiglu": swiglu_mlp}
+# ---- mixture of experts ------------------------------------------------------------------------------
+
+def sparsemixer_weights(em: DecoderEmitter, moe: Moe, logits: str, p: str) -> str:
+    """Dense [tokens, experts] routing weights, zero but at the chosen experts (Phi-3.5-MoE's routing).
+
+    Choice k takes the top logit of those not chosen yet and weighs it by a softmax over the
+    experts whose logit lies within 2 * jitter_eps of it, relative to max(|logit|, chosen):
+    transformers' eval-mode ``sparsemixer``. TopK breaks ties to the lower index, as torch.max does.
+    """
+    neg_inf, two_eps = em.const(-np.inf, np.float32), em.const(2 * moe.jitter_eps, np.float32)
+    magnitude = em.node("Abs", [logits], f"{p}/Abs")[0]
+    remaining, indices, weights = logits, [], []
+    for k in range(moe.top_k):
+        q = f"{p}/choice_{k}"
+        top, index = em.node("TopK", [remaining, em.const([1])], f"{q}/TopK", n_out=2, axis=-1)
+        factor = em.node("Max", [magnitude, top], f"{q}/Max")[0]
+        gap = em.node("Div", [em.node("Sub", [top, logits], f"{q}/Sub")[0], factor], f"{q}/Div")[0]
+        outside = em.node("Greater", [gap, two_eps], f"{q}/Greater")[0]
+        masked = em.node("Where", [outside, neg_inf, remaining], f"{q}/Where")[0]
+        probs = em.node("Softmax", [masked], f"{q}/Softmax", axis=-1)[0]
+        weights.append(em.node("GatherElements", [probs, index], f"{q}/GatherElements", axis=-1)[0])
+        indices.append(index)
+        if k + 1 < moe.top_k:  # the chosen expert is out of the running for the next choice
+            fill = em.node("Expand", [neg_inf, em.node("Shape", [index], f"{q}/Shape")[0]], f"{q}/Expand")[0]
+            remaining = em.node("ScatterElements", [remaining, index, fill], f"{q}/ScatterElements", axis=-1)[0]
+    chosen = em.node("Concat", indices, f"{p}/indices/Concat", axis=-1)[0]
+    chosen_weights = em.node("Concat", weights, f"{p}/weights/Concat", axis=-1)[0]
+    zeros = em.node("ConstantOfShape", [em.node("Shape", [logits], f"{p}/Shape")[0]], f"{p}/ConstantOfShape",
+                    value=numpy_helper.from_array(np.zeros(1, np.float32)))[0]
+    return em.node("ScatterElements", [zeros, chosen, chosen_weights], f"{p}/ScatterElements", axis=-1)[0]
+
+
+ROUTING: dict[str, Callable] = {"sparsemixer": sparsemixer_weights}
+
+
+def _interleave(*arrays: np.ndarray) -> np.ndarray:
+    """Rows a0, b0, a1, b1, ...: gate|up fused the way QMoE's swiglu_fusion=1 reads fc1."""
+    return np.stack(arrays, axis=1).reshape(-1, *arrays[0].shape[1:])
+
+
+def _expert_precision(em: DecoderEmitter, moe: Moe) -> tuple[int, int]:
+    """(bits, block size) shared by every expert weight, (0, 0) if float: QMoE takes one setting for all."""
+    infos = [em.qckpt.info(lin.weight) for x in moe.experts for lin in x.linears()]
+    settings = {(i.get("bits", 0), i.get("block_size", 0)) for i in infos}
+    if len(settings) > 1:
+        raise Phi3ExportError("ONNX export: every expert weight must share one precision and block size (QMoE takes one "
+                              "setting); check the recipe's overrides of expert_gate / expert_up / expert_down")
+    bits, block = settings.pop()
+    for lin in (moe.experts[0].gate, moe.experts[0].down):
+        if bits and lin.shape[1] % block:
+            raise Phi3ExportError(f"ONNX export: QMoE needs the block size ({block}) to divide {lin.shape[1]} ({lin.weight})")
+    return bits, block
+
+
+def _fc_parts(em: DecoderEmitter, linears: tuple[Linear, ...], bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One expert's fc weight as QMoE reads it: packed codes, scales, packed zero points (rows interleaved)."""
+    stored = [em.qckpt.packed(lin.weight) for lin in linears]
+    codes, scales, zeros = (_interleave(*[t[k].numpy() for t in stored]) for k in range(3))
+    return codes, scales, zeros if bits == 8 else pack_codes(torch.from_numpy(zeros), 4).numpy()
+
+
+def _expert_initializers(em: DecoderEmitter, moe: Moe, bits: int, block: int, base: str) -> dict[str, str]:
+    """fc1 (gate|up interleaved) and fc2 initializers, written one expert at a time."""
+    experts, io = moe.experts, em.io
+    hidden, inter = moe.router.shape[1], moe.intermediate
+    fcs = {"fc1": (lambda x: (x.gate, x.up), 2 * inter, hidden), "fc2": (lambda x: (x.down,), hidden, inter)}
+    names: dict[str, str] = {}
+    if not bits:  # float experts (--bits 32 / 16): [experts, out, in]
+        for fc, (pick, rows, cols) in fcs.items():
+            blocks = (_interleave(*[em.qckpt.float(lin.weight).numpy() for lin in pick(x)])[None] for x in experts)
+            names[fc] = em.weight_rows(f"{base}.{fc}.weight", (len(experts), rows, cols), io, blocks)
+        return names
+    # QMoE's default zero point is 2**(bits-1), as MatMulNBits': give them only when some block differs.
+    default = 2 ** (bits - 1)
+    explicit = any(not torch.all(em.qckpt.packed(lin.weight)[2] == default) for x in experts for lin in x.linears())
+    for fc, (pick, rows, cols) in fcs.items():
+        n_blocks = cols // block
+        shapes = [(rows, cols * bits // 8), (rows, n_blocks), (rows, n_blocks if bits == 8 else -(-n_blocks // 2))]
+        suffixes = [f"weight_Q{bits}", "weight_scales", "weight_zp"]
+        for k, (suffix, shape) in enumerate(zip(suffixes, shapes)):
+            if k == 2 and not explicit:
+                names[f"{fc}_zp"] = ""
+                continue
+            dtype = io if k == 1 else np.uint8
+            blocks = (_fc_parts(em, pick(x), bits)[k].astype(dtype)[None] for x in experts)
+            names[f"{fc}_{('codes', 'scales', 'zp')[k]}"] = em.weight_rows(f"{base}.{fc}.{suffix}", (len(experts), *shape), dtype, blocks)
+    return names
+
+
+def moe_block(em: DecoderEmitter, moe: Moe, h: str, i: int, _shared: dict[str, str]) -> str:
+    """Router (float MatMul) -> routing weights computed in the graph -> QMoE (int experts) or MoE (float).
+
+    The CPU QMoE kernel ignores ``use_sparse_mixer`` (plain softmax top-k comes out), so the
+    routing weights are computed here and passed as ``router_weights``; they are passed as
+    ``router_probs`` too, since QMoE picks its experts from router_probs and on tied logits its
+    top-k prefers the higher index, sparsemixer the lower.
+    """
+    p = f"/model/layers.{i}/moe"
+    x = em.node("Reshape", [h, em.const([-1, moe.router.shape[1]])], f"{p}/Reshape")[0]
+    logits = em.linear(x, moe.router, f"{p}/router")
+    weights = emitter_for(ROUTING, moe.routing)(em, moe, logits, f"{p}/routing")
+    bits, block = _expert_precision(em, moe)
+    fc = _expert_initializers(em, moe, bits, block, f"model.layers.{i}.moe")
+    if bits:
+        inputs = [x, weights, fc["fc1_codes"], fc["fc1_scales"], "", fc["fc2_codes"], fc["fc2_scales"], "", "", "", "",
+                  fc["fc1_zp"], fc["fc2_zp"], "", weights]
+        out = em.node("QMoE", inputs, f"{p}/QMoE", domain=MS, k=moe.top_k, activation_type="swiglu", swiglu_fusion=1,
+                      expert_weight_bits=bits, block_size=block, normalize_routing_weights=0, use_sparse_mixer=0,
+                      accuracy_level=em.target.accuracy_level)[0]
+    else:
+        # The float MoE op has no router_weights input and renormalises softmax(router_probs) over
+        # its top k: log(weights) makes that weights / their sum, and the per-token sum multiplied
+        # back restores the weights exactly.
+        log_weights = em.node("Log", [weights], f"{p}/Log")[0]
+        out = em.node("MoE", [x, log_weights, fc["fc1"], "", fc["fc2"]], f"{p}/MoE", domain=MS, k=moe.top_k,
+                      activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1, use_sparse_mixer=0)[0]
+        total = em.node("ReduceSum", [weights, em.const([-1])], f"{p}/ReduceSum", keepdims=1)[0]
+        out = em.node("Mul", [out, total], f"{p}/Mul")[0]
+    return em.node("Reshape", [out, em.node("Shape", [h], f"{p}/Shape")[0]], f"{p}/Reshape_out")[0]
+
+
+BLOCK_EMITTERS: dict[str, Callable] = {"dense": dense_attention, "swiglu": swiglu_mlp, "moe": moe_block}
