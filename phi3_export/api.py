@@ -5,7 +5,6 @@ checkpoint -> recipe check -> quantized checkpoint -> artifacts (one per format 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from phi3_export.export.coreml.contract import MINIMUM_OS
 from phi3_export.export.onnx.artifact import export_onnx
 from phi3_export.export.onnx.targets import resolve_target
 from phi3_export.job import Job
+from phi3_export.manifest import MANIFEST_VERSION, config_sha256, write_manifest
 from phi3_export.output import check_free_space, file_entries, staged_output
 from phi3_export.progress import Progress
 from phi3_export.quant.qcheckpoint import QuantizedCheckpoint
@@ -30,7 +30,6 @@ from phi3_export.quant.stage import QUANTIZERS
 from phi3_export.recipes import Recipe, list_recipes, load_recipe
 from phi3_export.versions import library_versions, tool_version
 
-MANIFEST_VERSION = 1
 FORMATS = ("onnx", "coreml")
 COREML_BITS = (4, 8, 16)
 
@@ -207,12 +206,11 @@ def quantize(
         else:
             shutil.rmtree(qdir)
         manifest = {
-            "schema_version": MANIFEST_VERSION,
             "tool": {"name": "phi3-export", "version": tool_version()},
             "versions": library_versions(),
             "source": {
                 "architecture": facts.architecture,
-                "config_sha256": hashlib.sha256((ckpt.folder / "config.json").read_bytes()).hexdigest(),
+                "config_sha256": config_sha256(ckpt.folder),
             },
             "recipe": {"name": choice.recipe.name, "how_chosen": choice.how},
             "settings": settings.as_dict(),
@@ -221,5 +219,5 @@ def quantize(
             "model": json.loads(facts.model_dump_json(exclude_none=True)),  # MoE facts only where they apply
             "artifacts": artifacts,
         }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return manifest
+        write_manifest(staging, manifest)
+    return {"schema_version": MANIFEST_VERSION, **manifest}

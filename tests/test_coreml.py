@@ -210,7 +210,7 @@ def test_prefill_decode_functions_are_refused_not_ignored(fixture_dir, tmp_path)
 
 
 def test_structure_check_accepts_a_tied_int8_lm_head_and_flags_a_float_linear(exported):
-    from phi3_export.validate.artifacts import find_artifacts
+    from phi3_export.manifest import find_artifacts
     from phi3_export.validate.coreml import structural_checks
 
     out = exported("phi-4-mini", bits=4, formats=("coreml",), lm_head="int8")

@@ -21,10 +21,10 @@ import zipfile
 from pathlib import Path
 
 from phi3_export.errors import Phi3ExportError
+from phi3_export.manifest import Artifact, find_artifacts, weight_count
 from phi3_export.output import file_entries, staged_output
 from phi3_export.package.targets import RUNTIMES, TARGETS, BundleTarget, SizeLimit
 from phi3_export.package.verify import problems_against
-from phi3_export.validate.artifacts import Artifact, find_artifacts
 from phi3_export.versions import library_versions, tool_version
 
 BUNDLE_FORMAT = "phi3-export-bundle"
@@ -61,7 +61,6 @@ def _check_source(artifact: Artifact) -> None:
 
 def _model_facts(folder: str, artifact: Artifact) -> dict:
     from phi3_export.export.onnx.targets import TARGETS as ONNX_TARGETS
-    from phi3_export.validate.run import kv_cache_bytes, weight_count
 
     entry, manifest = artifact.entry, artifact.manifest
     size = entry.get("size_bytes") or sum(f["size"] for f in entry.get("files", []))
@@ -74,7 +73,7 @@ def _model_facts(folder: str, artifact: Artifact) -> dict:
         facts.update(context_length=config["context_length"], max_length=config["context_length"],
                      kv_cache_bytes_at_max_length=config["kv_cache_bytes"])
     else:
-        kv = kv_cache_bytes(artifact, ONNX_TARGETS[entry["target"]].io_dtype, [])
+        kv = artifact.kv_cache_bytes(ONNX_TARGETS[entry["target"]].io_dtype, [])
         facts.update(context_length=artifact.genai_config["model"].get("context_length"), max_length=kv["max_length"],
                      accuracy_level=entry.get("accuracy_level"), providers=entry.get("providers"),
                      kv_cache_bytes_at_max_length=kv["at_max_length"])

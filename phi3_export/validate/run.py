@@ -23,10 +23,10 @@ import torch
 from phi3_export.checkpoint.reader import Checkpoint
 from phi3_export.errors import Phi3ExportError
 from phi3_export.machine import machine
+from phi3_export.manifest import Artifact, find_artifacts, weight_count
 from phi3_export.memory import run_measured
 from phi3_export.progress import Progress
 from phi3_export.validate import accuracy, structure, tokenizer_parity
-from phi3_export.validate.artifacts import Artifact, find_artifacts
 from phi3_export.validate.cache import LogitsCache, checkpoint_hash, default_cache_dir
 from phi3_export.validate.ort_decoder import OrtDecoder
 from phi3_export.validate.reference import StreamedReference
@@ -133,14 +133,6 @@ def _providers_for(artifact: Artifact, options: ValidateOptions) -> tuple[str, .
     if options.providers:
         return options.providers
     return TARGET_PROVIDERS.get(artifact.entry.get("target"), tuple(artifact.entry.get("providers") or ("cpu",)))
-
-
-def kv_cache_bytes(artifact: Artifact, decoder_dtype: np.dtype, contexts: list[int]) -> dict:
-    dec = artifact.genai_config["model"]["decoder"]
-    per_token = 2 * dec["num_hidden_layers"] * dec["num_key_value_heads"] * dec["head_size"] * np.dtype(decoder_dtype).itemsize
-    max_length = artifact.max_length
-    return {"per_token": per_token, "at_max_length": per_token * max_length, "max_length": max_length,
-            "at_measured": {str(c): per_token * c for c in contexts}}
 
 
 def _accuracy(decoder: OrtDecoder, ref: Reference, progress: Progress) -> dict:
@@ -258,18 +250,6 @@ def _speed(artifact: Artifact, provider: str, ref: Reference, options: ValidateO
     return speed, memory
 
 
-def weight_count(manifest: dict) -> int | None:
-    """Weights in the model (from the manifest's facts): the denominator of bits per weight."""
-    from phi3_export.arch import architecture
-    from phi3_export.recipes.schema import ModelFacts
-
-    try:
-        facts = ModelFacts(**manifest["model"])
-        return architecture(facts.architecture).weight_count(facts)
-    except (KeyError, TypeError, ValueError, Phi3ExportError):
-        return None
-
-
 def validate_artifacts(path: Path, reference: Path, options: ValidateOptions, progress: Progress) -> dict:
     import onnxruntime as ort
 
@@ -323,7 +303,7 @@ def validate_artifacts(path: Path, reference: Path, options: ValidateOptions, pr
                 record["long_context"] = _long_context(decoder, artifact, ref)
                 task.advance("long context")
                 contexts = [n + options.new_tokens for n in options.prompt_lengths]
-                record["kv_cache_bytes"] = kv_cache_bytes(artifact, decoder.dtype, contexts)
+                record["kv_cache_bytes"] = artifact.kv_cache_bytes(decoder.dtype, contexts)
                 if options.speed:
                     record["speed"], record["memory"] = _speed(artifact, provider, ref, options)
                     task.advance("speed")

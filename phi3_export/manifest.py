@@ -1,0 +1,102 @@
+"""OUT/manifest.json: what `quantize` writes beside its artifacts and `validate`, `package` and `report` read.
+
+    {"schema_version": 1,
+     "tool": {"name", "version"}, "versions": {library: version},
+     "source": {"architecture", "config_sha256"},
+     "recipe": {"name", "how_chosen"}, "settings": {bits, method, block_size, symmetric, accuracy_level, overrides},
+     "rtn_fallback": [linear names AWQ left to RTN]   (only when there are some),
+     "model": {the model facts, as the recipe schema's ModelFacts},
+     "artifacts": [{"name", "format": onnx | coreml | quantized-checkpoint, "target", "path",
+                    "max_length", "size_bytes", "files": [{"path", "size", "sha256"}], ...}]}
+
+``find_artifacts`` resolves a path to the artifacts it names: an OUT folder (all of its
+manifest) or one artifact folder inside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from phi3_export.errors import Phi3ExportError
+
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class Artifact:
+    name: str
+    folder: Path
+    entry: dict  # the manifest's record: target, format, providers, max_length, files...
+    manifest: dict
+
+    @cached_property
+    def genai_config(self) -> dict:
+        return _read_json(self.folder / "genai_config.json")
+
+    @property
+    def max_length(self) -> int:
+        return self.genai_config["search"]["max_length"]
+
+    def kv_cache_bytes(self, decoder_dtype: np.dtype, contexts: list[int]) -> dict:
+        """KV-cache bytes of this ONNX artifact: per token, at max_length, at each of ``contexts``."""
+        dec = self.genai_config["model"]["decoder"]
+        per_token = 2 * dec["num_hidden_layers"] * dec["num_key_value_heads"] * dec["head_size"] * np.dtype(decoder_dtype).itemsize
+        max_length = self.max_length
+        return {"per_token": per_token, "at_max_length": per_token * max_length, "max_length": max_length,
+                "at_measured": {str(c): per_token * c for c in contexts}}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise Phi3ExportError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+
+
+def find_artifacts(path: Path) -> list[Artifact]:
+    path = Path(path)
+    if not path.is_dir():
+        raise Phi3ExportError(f"{path}: no such folder")
+    if (path / "manifest.json").is_file():
+        out, only = path, None
+    elif (path.parent / "manifest.json").is_file():
+        out, only = path.parent, path.name
+    else:
+        raise Phi3ExportError(f"{path}: no manifest.json here or in its parent (not a phi3-export output)")
+    manifest = _read_json(out / "manifest.json")
+    entries = manifest.get("artifacts")
+    if not isinstance(entries, list):
+        raise Phi3ExportError(f"{out / 'manifest.json'}: no 'artifacts' list")
+    found = [Artifact(e["name"], out / e["path"], e, manifest) for e in entries if only in (None, e["path"])]
+    if not found:
+        raise Phi3ExportError(f"{path}: not listed in {out / 'manifest.json'}")
+    for artifact in found:
+        if not artifact.folder.is_dir():
+            raise Phi3ExportError(f"{artifact.folder}: listed in the manifest but missing")
+    return found
+
+
+def weight_count(manifest: dict) -> int | None:
+    """Weights in the model (from the manifest's facts): the denominator of bits per weight."""
+    from phi3_export.arch import architecture
+    from phi3_export.recipes.schema import ModelFacts
+
+    try:
+        facts = ModelFacts(**manifest["model"])
+        return architecture(facts.architecture).weight_count(facts)
+    except (KeyError, TypeError, ValueError, Phi3ExportError):
+        return None
+
+
+def write_manifest(staging: Path, doc: dict) -> None:
+    (staging / "manifest.json").write_text(json.dumps({"schema_version": MANIFEST_VERSION, **doc}, indent=2, sort_keys=True) + "\n")
+
+
+def config_sha256(folder: Path) -> str:
+    return hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
