@@ -40,29 +40,50 @@ def main() -> None:
     """
 
 
+def _options(*options):
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
+
+
+# The options `quantize` and `sweep` share, spelled the same: in `sweep`, a comma-separated
+# list where a grid axis makes sense (--method, --block-size, --target).
+_CALIBRATION_OPTIONS = _options(
+    click.option("--calib-text", type=click.Path(path_type=Path), help="AWQ calibration text file (default: the corpus' calibration part)."),
+    click.option("--calib-samples", type=int, help="AWQ calibration windows (default from the recipe, 32)."),
+    click.option("--calib-seqlen", type=int, help="AWQ tokens per calibration window (default from the recipe, 256)."),
+    click.option("--seed", type=int, help="AWQ calibration sampling seed (default from the recipe, 0)."),
+)
+_PRECISION_OPTIONS = _options(
+    click.option("--bits", type=click.Choice(["4", "8", "16", "32"]),
+                 help="4/8: int weights (MatMulNBits); 16/32: unquantized fp16/fp32 reference."),
+    click.option("--accuracy-level", type=click.IntRange(0, 4),
+                 help="MatMulNBits compute precision: 4 = int8 activations (fastest on CPU), 0/1 = fp32."),
+    click.option("--lm-head", type=click.Choice(["int4", "int8", "fp16", "fp32"]),
+                 help="LM head precision (with tied embeddings: the shared table's). Default from the recipe."),
+    click.option("--max-length", type=int,
+                 help="Generation max_length (Core ML: the KV state's context length): KV cache and RoPE tables are sized from it."),
+)
+
+
 @main.command()
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="Local Hugging Face folder (config.json + safetensors).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder: manifest.json plus one folder per artifact.")
 @click.option("--recipe", help="Shipped recipe name or a recipe YAML path. Default: the shipped recipe matching the checkpoint.")
-@click.option("--bits", type=click.Choice(["4", "8", "16", "32"]), help="4/8: int weights (MatMulNBits); 16/32: unquantized fp16/fp32 reference.")
 @click.option("--method", type=click.Choice(["rtn", "awq"]), help="Quantization method (default from the recipe).")
 @click.option("--format", "formats", default="onnx", show_default=True,
               help="Comma-separated: onnx (one artifact per --target), coreml (stateful .mlpackage, iOS 18/macOS 15), or all.")
 @click.option("--target", "targets", help="Comma-separated targets: cpu, dml, mobile (default: the recipe's).")
 @click.option("--block-size", type=int, help="Weights per quantization block (16-256, power of two).")
 @click.option("--symmetric/--asymmetric", default=None, help="Symmetric (zero point 8) or asymmetric per-block zero points.")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), help="MatMulNBits compute precision: 4 = int8 activations (fastest on CPU), 0/1 = fp32.")
-@click.option("--lm-head", type=click.Choice(["int4", "int8", "fp16", "fp32"]),
-              help="LM head precision (with tied embeddings: the shared table's). Default from the recipe.")
-@click.option("--max-length", type=int, help="Generation max_length (Core ML: the KV state's context length): KV cache and RoPE tables are sized from it.")
-@click.option("--calib-text", type=click.Path(path_type=Path), help="AWQ calibration text file (default: the corpus' calibration part).")
-@click.option("--calib-samples", type=int, help="AWQ calibration windows (default from the recipe, 32).")
-@click.option("--calib-seqlen", type=int, help="AWQ tokens per calibration window (default from the recipe, 256).")
-@click.option("--seed", type=int, help="AWQ calibration sampling seed (default from the recipe, 0).")
+@_PRECISION_OPTIONS
+@_CALIBRATION_OPTIONS
 @click.option("--keep-quantized", is_flag=True, help="Keep the format-neutral quantized checkpoint in OUT/quantized.")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder (only once the new one is complete).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def quantize(checkpoint, out, recipe, bits, method, formats, targets, block_size, symmetric, accuracy_level, lm_head, max_length,
+def quantize(checkpoint, out, recipe, method, formats, targets, block_size, symmetric, bits, accuracy_level, lm_head, max_length,
              calib_text, calib_samples, calib_seqlen, seed, keep_quantized, force, quiet):
     """Quantize a checkpoint and export one artifact per format and target.
 
@@ -71,6 +92,14 @@ def quantize(checkpoint, out, recipe, bits, method, formats, targets, block_size
 
     --method awq calibrates on text (CPU only, one layer in memory at a time); an
     interrupted AWQ run resumes after its last finished layer when run again.
+
+    \b
+    Examples:
+      phi3-export quantize --checkpoint ./Phi-3-mini-4k-instruct --bits 4 --out out/
+      phi3-export quantize --checkpoint ./ckpt --recipe phi-3.5-mini --target cpu,mobile --max-length 4096 --out out/
+      phi3-export quantize --checkpoint ./ckpt --method awq --block-size 128 --asymmetric --out out-awq/
+      phi3-export quantize --checkpoint ./ckpt --format all --out out/      # ONNX + Core ML from one quantization
+      phi3-export quantize --checkpoint ./ckpt --bits 32 --target cpu --out ref/   # fp32 reference export
     """
     from phi3_export.api import quantize as run
     from phi3_export.progress import Progress
@@ -94,15 +123,23 @@ def quantize(checkpoint, out, recipe, bits, method, formats, targets, block_size
 @click.option("--layers", type=int, help="Decoder layers [default: 2; with --full-size, the recipe's].")
 @click.option("--hidden", type=int, help="Hidden size (default: small, set by the GQA ratio).")
 @click.option("--train-steps", default=0, show_default=True, help="Train briefly on the corpus' train part so accuracy numbers mean something.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the weight initialisation and training batches (same seed, same files).")
 @click.option("--full-size", is_flag=True, help="The recipe's real dimensions (needs --random): for benchmarks.")
 @click.option("--random", "random_weights", is_flag=True, help="Random bf16 weights, written one layer at a time.")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
-def fixture(recipe, gguf_file, out, layers, hidden, train_steps, seed, full_size, random_weights, force):
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def fixture(recipe, gguf_file, out, layers, hidden, train_steps, seed, full_size, random_weights, force, quiet):
     """Write a tiny checkpoint of a recipe's architecture, with a locally trained tokenizer.
 
     It keeps the recipe's features (GQA ratio, LongRoPE, partial rotary, sliding window,
-    tied embeddings, tokenizer kind) at small dimensions; no download is involved.
+    tied embeddings, tokenizer kind, MoE routing) at small dimensions; no download is involved.
+
+    \b
+    Examples:
+      phi3-export fixture --recipe phi-3-mini-4k --out tiny/                      # random, 2 layers
+      phi3-export fixture --recipe phi-3.5-moe --train-steps 200 --out moe/       # trained briefly
+      phi3-export fixture --recipe phi-3-mini-4k --full-size --random --out mini/ # benchmark shape
+      phi3-export fixture --from-gguf SmolLM2-135M-Instruct.Q4_1.gguf --out smollm2/
     """
     from phi3_export.fixtures.tiny import make_fixture
     from phi3_export.output import staged_output
@@ -127,30 +164,79 @@ def fixture(recipe, gguf_file, out, layers, hidden, train_steps, seed, full_size
         if not random_weights:
             raise Phi3ExportError("--full-size needs --random (there is no model hub to fetch real weights from)")
         layers = layers or chosen.model.num_layers
-        with staged_output(out, force) as staging, Progress().task("fixture", layers) as task:
+        with staged_output(out, force) as staging, Progress(enabled=not quiet).task("fixture", layers) as task:
             config = write_full_size(chosen, staging, layers=layers, seed=seed, progress=task)
         click.echo(f"{out}: random full-size {chosen.name} checkpoint, {config['num_hidden_layers']} layers")
         return
+    from phi3_export.progress import Progress
+
     layers = layers or 2
-    with staged_output(out, force) as staging:
-        config = make_fixture(chosen, staging, layers=layers, hidden=hidden, train_steps=train_steps, seed=seed)
+    with staged_output(out, force) as staging, Progress(enabled=not quiet).task("training", train_steps) as task:
+        config = make_fixture(chosen, staging, layers=layers, hidden=hidden, train_steps=train_steps, seed=seed, progress=task)
     loss = config["phi3_export_fixture"]["final_loss"]
     click.echo(f"{out}: {chosen.model.architecture} fixture of {chosen.name}, hidden {config['hidden_size']}, "
                f"{layers} layers" + (f", trained {train_steps} steps (loss {loss:.3f})" if train_steps else ""))
 
 
+def _chat_artifact(path: Path) -> Path:
+    """An ONNX artifact folder; for a quantize OUT folder, its cpu artifact (else its first ONNX one)."""
+    if (path / "genai_config.json").is_file() or not (path / "manifest.json").is_file():
+        return path
+    from phi3_export.manifest import find_artifacts
+
+    onnx = [a for a in find_artifacts(path) if a.entry.get("format") == "onnx"]
+    if not onnx:
+        raise Phi3ExportError(f"{path}: holds no ONNX artifact to chat with (chat runs onnxruntime-genai)")
+    chosen = next((a for a in onnx if a.entry.get("target") == "cpu"), onnx[0])
+    click.echo(f"chat: using {chosen.folder} ({chosen.entry.get('target')} artifact)", err=True)
+    return chosen.folder
+
+
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--prompt", default="What does the for statement do?", show_default=True, help="The user message.")
-@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--prompt", help="The user message. Without it: an interactive chat on a terminal, else the message from stdin.")
+@click.option("--max-new-tokens", default=64, show_default=True, help="Most tokens generated per answer (greedy).")
 def chat(artifact, prompt, max_new_tokens):
-    """Answer one chat message with an ONNX artifact folder, through onnxruntime-genai."""
-    from phi3_export.validate.generate import chat as run
+    """Chat with an ONNX artifact through onnxruntime-genai, the runtime apps use.
 
-    result = run(artifact, prompt, max_new_tokens)
-    click.echo(f"user: {prompt}\nassistant: {result.text}")
-    click.echo(f"({result.new_tokens} tokens, first after {result.time_to_first_token_s * 1000:.0f} ms, "
-               f"{result.decode_tokens_per_s:.0f} tokens/s)", err=True)
+    ARTIFACT is an ONNX artifact folder, or a quantize OUT folder (its cpu artifact is used).
+
+    \b
+    Examples:
+      phi3-export chat out/ --prompt "What is a Python list?"
+      phi3-export chat out/onnx-mobile                      # interactive: empty line or Ctrl-D ends
+      echo "Name three colors." | phi3-export chat out/
+    """
+    from phi3_export.validate.generate import Conversation
+
+    conversation = Conversation(_chat_artifact(artifact))
+
+    def answer(message: str) -> None:
+        result = conversation.reply(message, max_new_tokens)
+        click.echo(f"assistant: {result.text}")
+        click.echo(f"({result.new_tokens} tokens, first after {result.time_to_first_token_s * 1000:.0f} ms, "
+                   f"{result.decode_tokens_per_s:.0f} tokens/s)", err=True)
+
+    if prompt is not None:
+        click.echo(f"user: {prompt}")
+        answer(prompt)
+        return
+    if not sys.stdin.isatty():
+        message = sys.stdin.read().strip()
+        if not message:
+            raise Phi3ExportError("chat: no --prompt and nothing on stdin")
+        click.echo(f"user: {message}")
+        answer(message)
+        return
+    click.echo("interactive chat (the conversation is kept; an empty line or Ctrl-D ends it)", err=True)
+    while True:
+        try:
+            message = input("user: ").strip()
+        except EOFError:
+            break
+        if not message:
+            break
+        answer(message)
 
 
 @main.command()
@@ -184,6 +270,12 @@ def validate(path, reference, eval_text, providers, json_path, window, stride, p
 
     \b
     Exit status: 0 when every check holds, 1 when one fails (listed), 2 on bad input.
+
+    \b
+    Examples:
+      phi3-export validate out/ --reference ./Phi-3-mini-4k-instruct --json result.json
+      phi3-export validate out/onnx-mobile --reference ./ckpt --providers cpu,xnnpack --no-speed
+      phi3-export validate out/ --reference ./ckpt --eval-text held-out.txt --window 1024
     """
     import json
 
@@ -251,6 +343,11 @@ def report(records, out, baseline, max_kld_increase, max_ppl_increase_pct, max_s
     perplexity, size, and decode tok/s (only between records from the same machine).
     Thresholds: the flags, else the artifact's recipe `report:` section, else the defaults.
     Exit status: 0, or 1 listing every regression, or 2 on bad input.
+
+    \b
+    Examples:
+      phi3-export report result.json --out report/
+      phi3-export report rtn.json awq.json --out report/ --baseline main/report.json   # CI gate
     """
     from phi3_export.report import build_report
 
@@ -263,22 +360,33 @@ def report(records, out, baseline, max_kld_increase, max_ppl_increase_pct, max_s
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="Local Hugging Face folder.")
 @click.option("--recipe", help="Recipe name or path (default: matched from the checkpoint).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder: runs/<point>/ artifacts and report/.")
-@click.option("--methods", default="rtn,awq", show_default=True, help="Comma-separated: rtn, awq.")
-@click.option("--block-sizes", default="32,128", show_default=True, help="Comma-separated block sizes.")
-@click.option("--symmetric", "symmetric", default="yes", show_default=True, type=click.Choice(["yes", "no", "both"]))
+@click.option("--method", "--methods", "methods", default="rtn,awq", show_default=True, help="Comma-separated methods: rtn, awq.")
+@click.option("--block-size", "--block-sizes", "block_sizes", default="32,128", show_default=True, help="Comma-separated block sizes.")
+@click.option("--symmetric/--asymmetric", default=None, help="One symmetry for every point (default: the recipe's).")
+@click.option("--both-symmetries", is_flag=True, help="Sweep symmetric and asymmetric too.")
 @click.option("--target", "targets", default="cpu", show_default=True, help="Comma-separated targets to export and validate.")
+@_PRECISION_OPTIONS
+@_CALIBRATION_OPTIONS
 @click.option("--eval-text", type=click.Path(path_type=Path), help="UTF-8 text for perplexity/KLD (default: the corpus' eval part).")
 @click.option("--runs", default=3, show_default=True, help="Timed runs per speed figure.")
 @click.option("--no-speed", is_flag=True, help="Accuracy only.")
 @_gate_options
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def sweep(checkpoint, recipe, out, methods, block_sizes, symmetric, targets, eval_text, runs, no_speed, baseline,
-          max_kld_increase, max_ppl_increase_pct, max_size_increase_pct, min_decode_tps_ratio, quiet):
+def sweep(checkpoint, recipe, out, methods, block_sizes, symmetric, both_symmetries, targets, bits, accuracy_level, lm_head,
+          max_length, calib_text, calib_samples, calib_seqlen, seed, eval_text, runs, no_speed, baseline, max_kld_increase,
+          max_ppl_increase_pct, max_size_increase_pct, min_decode_tps_ratio, quiet):
     """Quantize -> validate -> report over a grid of methods, block sizes and symmetry.
 
     One command for the accuracy-vs-size picture of a model: every grid point is exported
     to OUT/runs/<method>-g<block><s|a>/ and validated against the checkpoint; the report
-    lands in OUT/report/.
+    lands in OUT/report/. The options are quantize's, a comma-separated list where they
+    make a grid axis.
+
+    \b
+    Examples:
+      phi3-export sweep --checkpoint ./ckpt --out sweep/
+      phi3-export sweep --checkpoint ./ckpt --method awq --block-size 32,64,128 --both-symmetries --calib-samples 16 --out sweep/
+      phi3-export sweep --checkpoint ./ckpt --out sweep/ --baseline main/report.json   # CI gate over the grid
     """
     from phi3_export.progress import Progress
     from phi3_export.sweep import grid
@@ -288,13 +396,19 @@ def sweep(checkpoint, recipe, out, methods, block_sizes, symmetric, targets, eva
     try:
         sizes = tuple(int(b) for b in _csv(block_sizes) or ())
     except ValueError:
-        raise Phi3ExportError(f"--block-sizes: expected comma-separated integers, not {block_sizes!r}") from None
-    points = grid(_csv(methods) or (), sizes, symmetric)
+        raise Phi3ExportError(f"--block-size: expected comma-separated integers, not {block_sizes!r}") from None
+    if both_symmetries and symmetric is not None:
+        raise Phi3ExportError("--both-symmetries: give it or --symmetric/--asymmetric, not both")
+    symmetries = (True, False) if both_symmetries else (symmetric,)
+    points = grid(_csv(methods) or (), sizes, symmetries)
     options = ValidateOptions(eval_text=eval_text, runs=runs, speed=not no_speed)
     overrides = {"max_kld_increase": max_kld_increase, "max_ppl_increase_pct": max_ppl_increase_pct,
                  "max_size_increase_pct": max_size_increase_pct, "min_decode_tps_ratio": min_decode_tps_ratio}
+    given = {"bits": int(bits) if bits else None, "accuracy_level": accuracy_level, "lm_head": lm_head, "max_length": max_length,
+             "calib_text": calib_text, "calib_samples": calib_samples, "calib_seqlen": calib_seqlen, "seed": seed}
     doc = run_sweep(checkpoint, out, recipe=recipe, points=points, targets=_csv(targets), validate_options=options,
-                    progress=Progress(enabled=not quiet), baseline=baseline, overrides=overrides)
+                    progress=Progress(enabled=not quiet), baseline=baseline, overrides=overrides,
+                    quantize_options={k: v for k, v in given.items() if v is not None})
     _finish_report(doc, out / "report")
 
 
@@ -315,6 +429,11 @@ def package(path, target, out, with_onnx, validate_json, make_zip, force):
     with size and sha256, runtime and minimum OS, model facts (recipe, max_length, bits per
     weight, KV-cache bytes), store size limits. Source files are checked against the quantize
     manifest first. Check a copied bundle with `phi3-export verify BUNDLE`.
+
+    \b
+    Examples:
+      phi3-export package out/ --target android --out bundle/ --validate result.json
+      phi3-export package out/ --target ios --with-onnx --zip --out ios-bundle/
     """
     from phi3_export.package import package as run
 
@@ -333,6 +452,10 @@ def verify(bundle):
     Names each missing, truncated, altered or Git LFS pointer file; opens the ONNX model with
     onnxruntime-genai from the bundle path and reloads the Core ML package. Exit 0 only when
     everything holds, 1 otherwise.
+
+    \b
+    Example (an app's CI, after copying the bundle into the app):
+      phi3-export verify app/src/main/assets/phi3
     """
     from phi3_export.package import verify_bundle
 
@@ -349,16 +472,34 @@ def verify(bundle):
 
 @main.group()
 def recipes() -> None:
-    """List and show the shipped recipes."""
+    """List and show the shipped recipes, and whether their architecture exports yet.
+
+    \b
+    Examples:
+      phi3-export recipes list
+      phi3-export recipes show phi-3.5-moe
+    """
+
+
+def _support(architecture: str) -> str:
+    from phi3_export.arch import known_architectures
+
+    cls = known_architectures().get(architecture)
+    if cls is None:
+        return "unknown architecture"
+    return "supported" if cls.supported else f"not supported yet: {cls.why_unsupported}"
 
 
 @recipes.command("list")
 def recipes_list():
-    """One shipped recipe name per line."""
-    from phi3_export.recipes import list_recipes
+    """Each shipped recipe: name, architecture, and whether it exports yet (check before downloading weights)."""
+    from phi3_export.recipes import list_recipes, load_recipe
 
-    for name in list_recipes():
-        click.echo(name)
+    rows = [(name, load_recipe(name).model.architecture) for name in list_recipes()]
+    width = max(len(name) for name, _ in rows)
+    arch_width = max(len(arch) for _, arch in rows)
+    for name, arch in rows:
+        click.echo(f"{name:<{width}}  {arch:<{arch_width}}  {_support(arch)}")
 
 
 @recipes.command("show")
@@ -369,7 +510,9 @@ def recipes_show(name):
 
     from phi3_export.recipes import load_recipe
 
-    click.echo(yaml.safe_dump(load_recipe(name).model_dump(mode="json"), sort_keys=False), nl=False)
+    recipe = load_recipe(name)
+    click.echo(f"# {recipe.model.architecture}: {_support(recipe.model.architecture)}")
+    click.echo(yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False), nl=False)
 
 
 if __name__ == "__main__":

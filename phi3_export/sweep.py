@@ -15,25 +15,26 @@ from phi3_export.progress import Progress
 class Point:
     method: str
     block_size: int
-    symmetric: bool
+    symmetric: bool | None  # None: the recipe's
 
     @property
     def folder(self) -> str:
-        return f"{self.method}-g{self.block_size}{'s' if self.symmetric else 'a'}"
+        return f"{self.method}-g{self.block_size}" + {True: "s", False: "a", None: ""}[self.symmetric]
 
 
-def grid(methods: tuple[str, ...], block_sizes: tuple[int, ...], symmetric: str) -> list[Point]:
-    choices = {"yes": (True,), "no": (False,), "both": (True, False)}
-    if symmetric not in choices:
-        raise Phi3ExportError(f"--symmetric: expected yes, no or both, not {symmetric!r}")
+def grid(methods: tuple[str, ...], block_sizes: tuple[int, ...], symmetries: tuple[bool, ...]) -> list[Point]:
+    from phi3_export.quant.stage import QUANTIZERS
+
     for method in methods:
-        if method not in ("rtn", "awq"):
-            raise Phi3ExportError(f"--methods: unknown method {method!r} (rtn, awq)")
-    return [Point(m, b, s) for m, b, s in itertools.product(methods, block_sizes, choices[symmetric])]
+        if method not in QUANTIZERS:
+            raise Phi3ExportError(f"--method: unknown method {method!r} ({', '.join(QUANTIZERS)})")
+    return [Point(m, b, s) for m, b, s in itertools.product(methods, block_sizes, symmetries)]
 
 
 def sweep(checkpoint: Path, out: Path, *, recipe: str | None, points: list[Point], targets: tuple[str, ...],
-          validate_options, progress: Progress, baseline: Path | None = None, overrides: dict | None = None) -> dict:
+          validate_options, progress: Progress, baseline: Path | None = None, overrides: dict | None = None,
+          quantize_options: dict | None = None) -> dict:
+    """``quantize_options``: the other `quantize` keyword arguments, the same for every point (bits, calibration...)."""
     from phi3_export.api import quantize
     from phi3_export.report import build_report
     from phi3_export.validate.run import validate_artifacts
@@ -44,8 +45,8 @@ def sweep(checkpoint: Path, out: Path, *, recipe: str | None, points: list[Point
     with progress.task("sweep", len(points)) as task:
         for point in points:
             folder = runs / point.folder
-            quantize(checkpoint, folder, recipe=recipe, bits=4, method=point.method, targets=targets,
-                     block_size=point.block_size, symmetric=point.symmetric, force=True, progress=progress)
+            quantize(checkpoint, folder, recipe=recipe, method=point.method, targets=targets, block_size=point.block_size,
+                     symmetric=point.symmetric, force=True, progress=progress, **{"bits": 4, **(quantize_options or {})})
             result = validate_artifacts(folder, checkpoint, validate_options, progress)
             path = folder.with_name(point.folder + ".validate.json")
             path.write_text(json.dumps(result, indent=1) + "\n")

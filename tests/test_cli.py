@@ -143,3 +143,58 @@ def test_int8_weights_at_fp32_compute_warn_about_cpu_speed(fixture_dir, tmp_path
     assert slow.exit_code == 0 and "warning: int8 weights (lm_head) at accuracy level < 4 on target cpu" in slow.output
     fast = _run(*args, "--out", tmp_path / "fast", "--accuracy-level", "4")
     assert fast.exit_code == 0 and "warning" not in fast.output
+
+
+def _commands(group=main, prefix=()):
+    import click
+
+    for name, command in sorted(group.commands.items()):
+        if isinstance(command, click.Group):
+            yield from _commands(command, prefix + (name,))
+        yield prefix + (name,), command
+
+
+def test_every_command_teaches_with_examples_and_every_option_has_help():
+    for path, command in _commands():
+        # `recipes list/show` take no options: their group's help shows the examples.
+        assert "Example" in _run(*path, "--help").output or path[:1] == ("recipes",), path
+        undocumented = [p.name for p in command.params if getattr(p, "help", "") == "" and p.param_type_name == "option"]
+        assert not [u for u in undocumented if u != "help"], (path, undocumented)
+
+
+def test_quantize_and_sweep_share_one_option_vocabulary():
+    quantize_opts = {o for p in main.commands["quantize"].params for o in p.opts}
+    sweep_opts = {o for p in main.commands["sweep"].params for o in p.opts}
+    shared = {"--method", "--block-size", "--symmetric", "--target", "--bits", "--accuracy-level", "--lm-head", "--max-length",
+              "--calib-text", "--calib-samples", "--calib-seqlen", "--seed", "--quiet", "--checkpoint", "--recipe", "--out"}
+    assert shared <= quantize_opts and shared <= sweep_opts
+
+
+def test_recipe_typo_gets_a_suggestion_and_mismatches_list_every_field(fixture_dir):
+    result = _run("recipes", "show", "phi-3-mini-4")
+    assert result.exit_code == 2 and "did you mean 'phi-3-mini-4k'?" in result.output
+    shown = _run("recipes", "show", "phi-3-small-8k").output
+    assert shown.startswith("# Phi3SmallForCausalLM: not supported yet: ")
+    from phi3_export.arch import architecture
+    from phi3_export.checkpoint import Checkpoint
+    from phi3_export.checkpoint.check import check_recipe
+    from phi3_export.errors import Phi3ExportError
+    from phi3_export.recipes import load_recipe
+
+    ckpt = Checkpoint(fixture_dir("phi-3-mini-4k"))
+    facts = architecture("Phi3ForCausalLM").facts_from_config(ckpt.config, ckpt.tokenizer_kind)
+    with pytest.raises(Phi3ExportError) as err:
+        check_recipe(load_recipe("phi-3-medium-4k"), facts, is_fixture_of_recipe=False, source="config.json")
+    message = str(err.value)
+    for field in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size"):
+        assert f"model.{field}" in message, (field, message)
+    assert "Value error" not in _run("quantize", "--checkpoint", fixture_dir("phi-3-mini-4k"), "--out", "x", "--block-size", "48").output
+
+
+def test_chat_takes_an_out_folder_and_a_message_on_stdin(exported, tmp_path):
+    out = exported("phi-3-mini-4k", targets=("mobile", "cpu"))
+    proc = subprocess.run([sys.executable, "-m", "phi3_export", "chat", str(out), "--max-new-tokens", "4"], input="Explain for.",
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert f"using {out / 'onnx-cpu'}" in proc.stderr  # the cpu artifact, named
+    assert proc.stdout.startswith("user: Explain for.\nassistant: ")

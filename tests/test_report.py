@@ -156,7 +156,7 @@ def test_report_refuses_to_replace_a_folder_that_is_not_a_report(records, tmp_pa
 def test_sweep_quantizes_validates_and_reports_a_grid(fixture_dir, tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}  # the reference-logit cache
     result = _cli("sweep", "--checkpoint", fixture_dir("phi-3-mini-4k", **TRAINED), "--out", tmp_path / "sweep",
-                  "--methods", "rtn", "--block-sizes", "32,64", "--symmetric", "both", "--no-speed", "--quiet", env=env)
+                  "--method", "rtn", "--block-size", "32,64", "--both-symmetries", "--no-speed", "--quiet", env=env)
     assert result.returncode == 0, result.stderr
     doc = json.loads((tmp_path / "sweep" / "report" / "report.json").read_text())
     names = sorted(r["artifact"] for r in doc["rows"])

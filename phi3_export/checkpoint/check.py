@@ -42,11 +42,12 @@ def mismatches(recipe: ModelFacts, checkpoint: ModelFacts, *, dims: bool) -> lis
 
 
 def check_recipe(recipe: Recipe, facts: ModelFacts, *, is_fixture_of_recipe: bool, source: str) -> None:
-    """Raise a one-line error naming the first disagreeing field and both values."""
+    """Raise a one-line error naming every disagreeing field with both values."""
     bad = mismatches(recipe.model, facts, dims=not is_fixture_of_recipe)
     if bad:
         field, want, have = bad[0]
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        others = "; ".join(f"model.{f} {w!r} vs {h!r}" for f, w, h in bad[1:])
+        more = f" (also {others})" if others else ""
         raise Phi3ExportError(
             f"{source}: recipe {recipe.name} does not match the checkpoint: "
             f"model.{field} is {want!r} in the recipe but {have!r} in config.json{more}"

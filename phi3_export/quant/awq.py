@@ -285,7 +285,7 @@ class LayerResult:
 
 def awq_layer(weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor], layer: DecoderLayer,
               settings: QuantSettings, options: AwqOptions, seed: int, module: torch.nn.Module | None = None,
-              extra: dict | None = None) -> LayerResult:
+              extra: dict | None = None, tick=None) -> LayerResult:
     """Scale and clip one layer's weights in place.
 
     ``inputs`` holds each linear's captured input as [tokens, channels] (tokens of the
@@ -294,7 +294,9 @@ def awq_layer(weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
     submodule's output. A group whose input fewer than ``options.min_tokens`` calibration tokens
     reached (a MoE expert the router rarely picks) is not searched, nor are such linears clipped:
     they keep plain RTN rounding (after any shared scale folded into their input, which is exact).
+    ``tick(what)`` is called after each group's search and after the clip search (progress).
     """
+    tick = tick or (lambda _what: None)
     bits = settings.bits
     input_scale: dict[str, torch.Tensor] = {}
     result = LayerResult({}, [])
@@ -302,6 +304,7 @@ def awq_layer(weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
     for group in layer.scaling_groups:
         source = (group.also_scaled or group.linears)[0].weight  # a linear reading exactly the group's input
         if source in starved:
+            tick(f"{group.label} (too few tokens)")
             continue
         x = _subsample(inputs[source], options.score_tokens, seed)
         score = None
@@ -314,6 +317,7 @@ def awq_layer(weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
         for lin in group.linears:
             input_scale[lin.weight] = expand_scale(group, s)
         result.alphas[group.label] = alpha
+        tick(group.label)
     result.rtn_fallback = sorted(starved)
     if options.clip:
         for lin in layer.linears():
@@ -324,7 +328,13 @@ def awq_layer(weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
                 x = x / input_scale[lin.weight][None, :]
             for rows in lin.clipped_rows():
                 weights[lin.weight][rows] = search_clip(x, weights[lin.weight][rows], settings, bits, options)
+    tick("clip search")
     return result
+
+
+def _layer_steps(layer: DecoderLayer) -> int:
+    """Progress steps of one layer: capture, each scaling group, clip search, store."""
+    return len(layer.scaling_groups) + 3
 
 
 def awq_quantize_checkpoint(job: Job, out: Path, request: QuantizeRequest) -> Path:
@@ -353,12 +363,18 @@ def awq_quantize_checkpoint(job: Job, out: Path, request: QuantizeRequest) -> Pa
         state.clear()
         tokens = calibration_tokens(ckpt, calibration_text, options)
         x = ckpt.gather_rows(job.plan.decoder.embedding, tokens)  # only the calibration tokens' rows, never the whole table
-    with job.progress.task("awq", len(layers) - start) as task:
-        for layer in stream_layers(ckpt, layers[start:], task):
+    # Progress within each layer too: at Phi-3-mini width one layer takes minutes.
+    with job.progress.task("awq", sum(_layer_steps(layer) for layer in layers[start:])) as task:
+        for layer in stream_layers(ckpt, layers[start:]):
+            def tick(what: str, index: int = layer.index) -> None:
+                task.advance(f"layer {index}: {what}")
+
             weights = load_tensors(ckpt, layer.tensors())
             module = job.arch.loaded_layer(ckpt.config, layer, weights)  # a copy: the search edits ``weights``
             inputs, y = _capture_inputs(module, layer, x, extra)
-            done = awq_layer(weights, inputs, layer, settings, options, seed=options.seed + layer.index, module=module, extra=extra)
+            tick("captured inputs")
+            done = awq_layer(weights, inputs, layer, settings, options, seed=options.seed + layer.index, module=module,
+                             extra=extra, tick=tick)
             fallback += done.rtn_fallback
             del inputs, module
             for group, blocks in layer.tensor_groups():
@@ -368,6 +384,7 @@ def awq_quantize_checkpoint(job: Job, out: Path, request: QuantizeRequest) -> Pa
             x = y
             if request.resume:
                 state.save(layer.index + 1, writer.tensors, x, fallback)
+            tick("stored")
     writer.meta["awq_rtn_fallback"] = fallback
     store_globals(writer, ckpt, job.plan.decoder, settings)
     writer.close()

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pydantic import ValidationError
 
 from phi3_export.errors import Phi3ExportError
+from phi3_export.recipes.loader import clean_message
 from phi3_export.recipes.schema import Quantization
 
 FLOAT_BITS = {16: "fp16", 32: "fp32"}
@@ -30,7 +31,7 @@ class QuantSettings:
         except ValidationError as exc:
             err = exc.errors()[0]
             flag = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "options"
-            raise Phi3ExportError(f"{flag}: {err['msg']}") from None
+            raise Phi3ExportError(f"{flag}: {clean_message(err['msg'])}") from None
         values = {k: getattr(merged, k) for k in ("bits", "method", "block_size", "symmetric", "accuracy_level")}
         if merged.bits not in (4, 8):
             # Unquantized exports keep every tensor float: precision overrides do not apply.

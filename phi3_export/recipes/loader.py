@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
@@ -65,11 +66,18 @@ def parse_recipe(text: str, source: str) -> Recipe:
         loc = tuple(first["loc"])
         line = _line_of(node, loc)
         field = _field_path(loc) or "(recipe)"
-        message = first["msg"]
+        message = clean_message(first["msg"])
         if first["type"] == "extra_forbidden":
             message = "unknown field (typo?)"
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise Phi3ExportError(f"{source}:{line}: {field}: {message}{more}") from None
+
+
+def clean_message(message: str) -> str:
+    """pydantic's message without its "Value error, " / "Assertion failed, " prefix."""
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    return message
 
 
 def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
@@ -79,8 +87,10 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
     if not is_path:
         text_path = recipes_dir() / f"{name_or_path}.yaml"
         if not text_path.is_file():
+            close = difflib.get_close_matches(str(name_or_path), list_recipes(), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
             raise Phi3ExportError(
-                f"unknown recipe {str(name_or_path)!r}; `phi3-export recipes list` shows the shipped ones"
+                f"unknown recipe {str(name_or_path)!r}; {hint}`phi3-export recipes list` shows the shipped ones"
             )
     elif not text_path.is_file():
         raise Phi3ExportError(f"{text_path}: recipe file not found")

@@ -21,14 +21,34 @@ class Generation:
 
 
 def chat(artifact: Path, user_message: str, max_new_tokens: int = 64) -> Generation:
-    import onnxruntime_genai as og
+    """One user message, answered greedily."""
+    return Conversation(artifact).reply(user_message, max_new_tokens, remember=False)
 
-    artifact = Path(artifact)
-    if not (artifact / "genai_config.json").is_file():
-        raise Phi3ExportError(f"{artifact}: no genai_config.json (not an ONNX artifact folder)")
-    model = og.Model(str(artifact))
-    tokenizer = og.Tokenizer(model)
-    prompt = tokenizer.apply_chat_template(json.dumps([{"role": "user", "content": user_message}]), add_generation_prompt=True)
+
+class Conversation:
+    """A multi-turn chat with one loaded artifact (the interactive `phi3-export chat`)."""
+
+    def __init__(self, artifact: Path):
+        import onnxruntime_genai as og
+
+        artifact = Path(artifact)
+        if not (artifact / "genai_config.json").is_file():
+            raise Phi3ExportError(f"{artifact}: no genai_config.json (not an ONNX artifact folder)")
+        self.og = og
+        self.model = og.Model(str(artifact))
+        self.tokenizer = og.Tokenizer(self.model)
+        self.messages: list[dict[str, str]] = []
+
+    def reply(self, user_message: str, max_new_tokens: int = 64, remember: bool = True) -> Generation:
+        messages = self.messages + [{"role": "user", "content": user_message}]
+        result = _generate(self.og, self.model, self.tokenizer, messages, max_new_tokens)
+        if remember:
+            self.messages = messages + [{"role": "assistant", "content": result.text}]
+        return result
+
+
+def _generate(og, model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int) -> Generation:
+    prompt = tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
     ids = tokenizer.encode(prompt)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(ids) + max_new_tokens)
