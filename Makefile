@@ -14,8 +14,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+# Both cores (pytest-xdist; built fixtures are shared between the workers, see tests/conftest.py);
+# progress per test file and the 10 slowest tests at the end.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -n 2 --durations=10
 
 lint: setup
 	$(BIN)/ruff check phi3_export tests benchmarks

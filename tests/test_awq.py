@@ -1,7 +1,6 @@
 """AWQ: folding is exact, the search is deterministic, its output exports and runs, it streams."""
 
 import json
-import sys
 
 import numpy as np
 import onnxruntime_genai as og
@@ -11,7 +10,6 @@ from transformers import AutoModelForCausalLM
 
 from phi3_export.arch import architecture
 from phi3_export.checkpoint import Checkpoint
-from phi3_export.memory import run_measured
 from phi3_export.quant.awq import expand_scale, fold_scale
 
 
@@ -95,18 +93,18 @@ def test_interrupted_awq_resumes_from_last_finished_layer(fixture_dir, tmp_path,
     assert digest(resumed) == digest(reference)
 
 
-def test_awq_memory_flat_in_layer_count(tmp_path):
-    from phi3_export.fixtures.tiny import make_fixture
-    from phi3_export.recipes import load_recipe
+def test_awq_memory_flat_in_layer_count(peaks_by_depth, tmp_path):
+    from conftest import WIDE
 
-    peaks = {}
-    for layers in (4, 24):
-        checkpoint = tmp_path / f"ckpt{layers}"
-        make_fixture(load_recipe("phi-3-mini-4k"), checkpoint, layers=layers, hidden=1024, dtype=torch.bfloat16)
-        result = run_measured([sys.executable, "-m", "phi3_export", "quantize", "--checkpoint", str(checkpoint), "--out",
-                               str(tmp_path / f"out{layers}"), "--method", "awq", "--target", "cpu", "--calib-samples", "2",
-                               "--calib-seqlen", "32", "--quiet"], interval_s=0.005)
-        assert result.returncode == 0, result.stderr
-        peaks[layers] = result.peak_rss_anon_mb
-    assert peaks[24] <= 1.3 * peaks[4], peaks
-    assert np.isfinite(peaks[4])
+    from phi3_export.recipes import recipes_dir
+
+    # Memory does not depend on how many candidates the searches score: a 2-point alpha grid
+    # keeps this test short (one layer at width 1024 otherwise takes ~10 s here).
+    recipe = tmp_path / "fast-awq.yaml"
+    recipe.write_text((recipes_dir() / "phi-3-mini-4k.yaml").read_text().replace(
+        "quantization:\n", "quantization:\n  awq: {alpha_grid: 2}\n", 1))
+    peaks = peaks_by_depth(tmp_path, "--method", "awq", "--recipe", str(recipe), "--target", "cpu",
+                           "--calib-samples", "2", "--calib-seqlen", "32")
+    shallow, deep = WIDE["layers"]
+    assert peaks[deep] <= 1.3 * peaks[shallow], peaks
+    assert np.isfinite(peaks[shallow])

@@ -1,7 +1,6 @@
 """Core ML export: the saved ML program computes the model, holds the ONNX artifact's codes, is deterministic."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,6 @@ import torch
 from onnx import numpy_helper
 from transformers import AutoModelForCausalLM
 
-from phi3_export.memory import run_measured
 from phi3_export.quant.qcheckpoint import QuantizedCheckpoint, unpack_codes
 from phi3_export.validate.coreml_program import CoreMLDecoder, MilProgram
 
@@ -154,19 +152,12 @@ def test_two_exports_are_byte_identical(fixture_dir, tmp_path):
     assert any(p.endswith("Manifest.json") for p in digests[0])
 
 
-def test_coreml_export_memory_flat_in_layer_count(tmp_path):
-    from phi3_export.fixtures.tiny import make_fixture
-    from phi3_export.recipes import load_recipe
+def test_coreml_export_memory_flat_in_layer_count(peaks_by_depth, tmp_path):
+    from conftest import WIDE
 
-    peaks = {}
-    for layers in (4, 24):
-        checkpoint = tmp_path / f"ckpt{layers}"
-        make_fixture(load_recipe("phi-3-mini-4k"), checkpoint, layers=layers, hidden=1024, dtype=torch.bfloat16)
-        result = run_measured([sys.executable, "-m", "phi3_export", "quantize", "--checkpoint", str(checkpoint),
-                               "--out", str(tmp_path / f"out{layers}"), "--bits", "4", "--format", "coreml", "--quiet"])
-        assert result.returncode == 0, result.stderr
-        peaks[layers] = result.peak_rss_anon_mb
-    assert peaks[24] <= 1.3 * peaks[4], peaks
+    peaks = peaks_by_depth(tmp_path, "--bits", "4", "--format", "coreml", repeats=2)
+    shallow, deep = WIDE["layers"]
+    assert peaks[deep] <= 1.3 * peaks[shallow], peaks
 
 
 def test_coreml_bits_32_is_refused(fixture_dir, tmp_path):
