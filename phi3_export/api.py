@@ -18,7 +18,7 @@ from phi3_export.export.coreml import MLPACKAGE, export_coreml
 from phi3_export.export.coreml.artifact import context_length as coreml_context_length
 from phi3_export.export.coreml.contract import MINIMUM_OS
 from phi3_export.export.onnx.artifact import export_onnx
-from phi3_export.export.onnx.targets import resolve_target
+from phi3_export.export.onnx.targets import check_target_ops, resolve_target
 from phi3_export.job import Job
 from phi3_export.manifest import MANIFEST_VERSION, config_sha256, write_manifest
 from phi3_export.output import check_free_space, file_entries, staged_output
@@ -158,6 +158,8 @@ def quantize(
                               f"choose --bits {', '.join(map(str, COREML_BITS))})")
     chosen_targets = (targets or tuple(choice.recipe.export.targets)) if "onnx" in formats else ()
     resolved = [resolve_target(t, choice.recipe, settings.bits, settings.accuracy_level, max_length) for t in chosen_targets]
+    for target in resolved:
+        check_target_ops(target, plan)
     coreml_context = coreml_context_length(choice.recipe, facts, max_length) if "coreml" in formats else None
     _warn_slow_int8(settings, plan, resolved, progress)
     out = Path(out)

@@ -137,10 +137,12 @@ def test_int4_generates_through_genai_and_exports_byte_identically(fixture_dir, 
     assert len(generator.get_sequence(0)) > len(tokenizer.encode(prompt))
 
 
-def test_coreml_refused_with_its_reason(fixture_dir, tmp_path):
+@pytest.mark.parametrize("flags,message", [(("--format", "coreml"), "42B parameters"),
+                                           (("--target", "dml", "--bits", "16"), "--target dml: PhiMoEForCausalLM's moe blocks need the QMoE/MoE op")])
+def test_coreml_and_dml_refused_with_the_reason(flags, message, fixture_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "phi3_export", "quantize", "--checkpoint", str(fixture_dir(RECIPE)),
-                           "--out", str(tmp_path / "out"), "--format", "coreml", "--quiet"], capture_output=True, text=True, check=False)
-    assert proc.returncode == 2 and "42B parameters" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+                           "--out", str(tmp_path / "out"), "--quiet", *flags], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -216,3 +216,5 @@ def moe_block(em: DecoderEmitter, moe: Moe, h: str, i: int, _shared: dict[str, s
 
 
 BLOCK_EMITTERS: dict[str, Callable] = {"dense": dense_attention, "swiglu": swiglu_mlp, "moe": moe_block}
+# Contrib ops a block kind may emit beyond the common ones (targets refuse kinds by op: targets.py).
+BLOCK_OPS: dict[str, tuple[str, ...]] = {"moe": ("QMoE", "MoE")}

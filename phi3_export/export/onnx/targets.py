@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from phi3_export.arch.plan import ModelPlan
 from phi3_export.errors import Phi3ExportError
 from phi3_export.recipes.schema import Recipe
 
@@ -19,12 +20,17 @@ class OnnxTarget:
     # DirectML graph capture cannot run control-flow nodes; none of our graphs use any, and
     # the exporter asserts it for targets that forbid them.
     control_flow_allowed: bool = True
+    # Contrib ops this target's runtime is not known to run, each with the reason: a plan whose
+    # blocks need one is refused before anything is quantized.
+    refused_ops: dict[str, str] = field(default_factory=dict)
     notes: str = ""
 
 
 TARGETS: dict[str, OnnxTarget] = {
     "cpu": OnnxTarget("cpu", np.float32, {}, float_bits=(32,)),
-    "dml": OnnxTarget("dml", np.float16, {"dml": {}}, float_bits=(16, 32), control_flow_allowed=False),
+    "dml": OnnxTarget("dml", np.float16, {"dml": {}}, float_bits=(16, 32), control_flow_allowed=False, refused_ops={
+        op: "not run on DirectML here (needs Windows), and the ORT-GenAI builder emits it for CUDA only"
+        for op in ("QMoE", "MoE")}),
     "mobile": OnnxTarget("mobile", np.float32, {}, float_bits=(32,)),
 }
 
@@ -39,6 +45,18 @@ class ResolvedTarget:
     @property
     def name(self) -> str:
         return self.target.name
+
+
+def check_target_ops(target: ResolvedTarget, plan: ModelPlan) -> None:
+    """Refuse a target whose runtime cannot run an op the plan's blocks need, naming the op."""
+    from phi3_export.export.onnx.blocks import BLOCK_OPS
+
+    kinds = {block.kind for layer in plan.decoder.layers for block in (layer.attention, layer.mlp)}
+    for kind in sorted(kinds):
+        refused = [op for op in BLOCK_OPS.get(kind, ()) if op in target.target.refused_ops]
+        if refused:
+            raise Phi3ExportError(f"--target {target.name}: {plan.architecture}'s {kind} blocks need the {'/'.join(refused)} "
+                                  f"op: {target.target.refused_ops[refused[0]]}")
 
 
 def resolve_target(name: str, recipe: Recipe, bits: int, accuracy_level: int, max_length: int | None) -> ResolvedTarget:
