@@ -21,7 +21,7 @@ from phi3_export.export.onnx.artifact import export_onnx
 from phi3_export.export.onnx.targets import check_target_ops, resolve_target
 from phi3_export.job import Job
 from phi3_export.manifest import MANIFEST_VERSION, config_sha256, write_manifest
-from phi3_export.output import check_free_space, file_entries, staged_output
+from phi3_export.output import check_free_space, check_replaceable, file_entries, staged_output
 from phi3_export.progress import Progress
 from phi3_export.quant.qcheckpoint import QuantizedCheckpoint
 from phi3_export.quant.request import QuantizeRequest
@@ -163,8 +163,7 @@ def quantize(
     coreml_context = coreml_context_length(choice.recipe, facts, max_length) if "coreml" in formats else None
     _warn_slow_int8(settings, plan, resolved, progress)
     out = Path(out)
-    if out.exists() and not force:
-        raise Phi3ExportError(f"{out}: output already exists (use --force to replace it)")
+    check_replaceable(out, force)
     check_free_space(out.parent if out.parent.exists() else Path.cwd(), _estimate_bytes(ckpt, settings, len(resolved) + 2 * ("coreml" in formats)))
 
     quantizer = QUANTIZERS[settings.method]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -15,20 +17,61 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so staged output is cleaned up like on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 class _Group(click.Group):
-    """Prints a user error as one line and exits 2; keeps tracebacks for real bugs."""
+    """The error contract of every command (README: "What phi3-export promises").
+
+    Bad input (Phi3ExportError, an unusable path): one line `error: ...`, exit 2. Ctrl-C:
+    exit 130; SIGTERM: exit 143 (staging removed either way). Anything else is a bug: one
+    line `internal error: ...` saying how to see the traceback (--debug), exit 1.
+    """
 
     def invoke(self, ctx: click.Context):
+        signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return super().invoke(ctx)
         except Phi3ExportError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
+        except Terminated:
+            click.echo("terminated: nothing was written", err=True)
+            sys.exit(143)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except OSError as exc:
+            if exc.filename is None:
+                raise _internal(ctx, exc) from None
+            click.echo(f"error: {exc.filename}: {exc.strerror or exc}", err=True)
+            sys.exit(2)
+        except Exception as exc:  # noqa: BLE001  (any other exception is a bug: reported as one, see the docstring)
+            raise _internal(ctx, exc) from None
+
+
+def _internal(ctx: click.Context, exc: Exception) -> SystemExit:
+    debug = (ctx.obj or {}).get("debug")
+    if debug:
+        traceback.print_exception(exc)
+    reason = str(exc).splitlines()[0] if str(exc) else ""
+    hint = "" if debug else " (run `phi3-export --debug ...` to see the traceback)"
+    click.echo(f"internal error: {type(exc).__name__}{': ' + reason if reason else ''}{hint}", err=True)
+    return SystemExit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(tool_version(), prog_name="phi3-export")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="On an internal error, print the Python traceback.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
     """Quantize Phi-3-family checkpoints to 4 bits and export them for devices.
 
     \b
@@ -37,7 +80,11 @@ def main() -> None:
       phi3-export quantize --checkpoint tiny/ --bits 4 --out out/  # int4 ONNX for onnxruntime-genai
       phi3-export validate out/ --reference tiny/ --json result.json
       phi3-export recipes list
+
+    \b
+    Exit status: 0 ok; 1 checks failed or internal error; 2 bad input; 130 Ctrl-C; 143 SIGTERM.
     """
+    ctx.obj = {"debug": debug}
 
 
 def _options(*options):

@@ -98,15 +98,21 @@ def test_bad_input_one_line_error_nothing_written(how, extra, message, fixture_d
     assert list(out_parent.iterdir()) == []
 
 
-def test_existing_out_is_refused_then_replaced_with_force(fixture_dir, tmp_path):
+def test_existing_out_is_refused_and_force_replaces_only_our_own_output(fixture_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     result = _run("quantize", "--checkpoint", fixture_dir("phi-3-mini-4k"), "--out", out, "--quiet")
     assert result.exit_code == 2 and "already exists" in result.output
+    # --force never deletes a folder phi3-export did not write.
+    result = _run("quantize", "--checkpoint", fixture_dir("phi-3-mini-4k"), "--out", out, "--quiet", "--force")
+    assert result.exit_code == 2 and "not written by phi3-export" in result.output
     assert (out / "keep.txt").read_text() == "mine"
-    result = _run("quantize", "--checkpoint", fixture_dir("phi-3-mini-4k"), "--out", out, "--quiet", "--force", "--target", "cpu")
-    assert result.exit_code == 0 and not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    for _ in range(2):  # the second run replaces the first's output
+        result = _run("quantize", "--checkpoint", fixture_dir("phi-3-mini-4k"), "--out", out, "--quiet", "--force", "--target", "cpu")
+        assert result.exit_code == 0 and (out / "manifest.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or old folder left
 
 
