@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from phi3_export.errors import Phi3ExportError
+from phi3_export.paths import inside
 
 MANIFEST_VERSION = 1
 
@@ -70,10 +71,16 @@ def find_artifacts(path: Path) -> list[Artifact]:
     else:
         raise Phi3ExportError(f"{path}: no manifest.json here or in its parent (not a phi3-export output)")
     manifest = _read_json(out / "manifest.json")
-    entries = manifest.get("artifacts")
+    entries = manifest.get("artifacts") if isinstance(manifest, dict) else None
     if not isinstance(entries, list):
         raise Phi3ExportError(f"{out / 'manifest.json'}: no 'artifacts' list")
-    found = [Artifact(e["name"], out / e["path"], e, manifest) for e in entries if only in (None, e["path"])]
+    found = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise Phi3ExportError(f"{out / 'manifest.json'}: an artifacts entry is not an object with a name")
+        folder = inside(out, entry.get("path"), f"{out / 'manifest.json'}: artifact {entry['name']} path")
+        if only in (None, entry["path"]):
+            found.append(Artifact(entry["name"], folder, entry, manifest))
     if not found:
         raise Phi3ExportError(f"{path}: not listed in {out / 'manifest.json'}")
     for artifact in found:

@@ -25,6 +25,7 @@ from phi3_export.manifest import Artifact, find_artifacts, weight_count
 from phi3_export.output import file_entries, staged_output
 from phi3_export.package.targets import RUNTIMES, TARGETS, BundleTarget, SizeLimit
 from phi3_export.package.verify import problems_against
+from phi3_export.paths import symlinks_in
 from phi3_export.versions import library_versions, tool_version
 
 BUNDLE_FORMAT = "phi3-export-bundle"
@@ -149,9 +150,15 @@ def package(src: Path, target: str, out: Path, *, with_onnx: bool = False, valid
     except KeyError:
         raise Phi3ExportError(f"--target: unknown bundle target {target!r}; choose from {', '.join(TARGETS)}") from None
     chosen = _choose(Path(src), bundle, with_onnx)
+    out = Path(out)
     for _, artifact in chosen:
         _check_source(artifact)
-    out = Path(out)
+        links = symlinks_in(artifact.folder)
+        if links:  # copying would put the link's target (anything on this machine) into the bundle
+            raise Phi3ExportError(f"{links[0]}: a symlink in the artifact; bundles hold plain files (copy the file in instead)")
+        source = artifact.folder.parent.resolve()
+        if out.resolve().is_relative_to(source) or source.is_relative_to(out.resolve()):
+            raise Phi3ExportError(f"--out {out}: overlaps the source folder {artifact.folder.parent}; write the bundle elsewhere")
     with staged_output(out, force) as staging:
         models = []
         for folder, artifact in chosen:

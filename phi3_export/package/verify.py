@@ -13,7 +13,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from phi3_export.errors import Phi3ExportError
 from phi3_export.output import sha256
+from phi3_export.paths import inside
 
 LFS_PREFIX = b"version https://git-lfs"
 
@@ -29,8 +31,16 @@ def problems_against(root: Path, files: list[dict]) -> list[str]:
     """One line per file under ``root`` that does not match its manifest entry."""
     problems = []
     for entry in files:
-        path = root / entry["path"]
-        if not path.is_file():
+        try:
+            if not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or not isinstance(entry.get("sha256"), str):
+                raise Phi3ExportError(f"manifest.json: a files entry lacks path, size or sha256: {str(entry)[:80]}")
+            path = inside(root, entry.get("path"), "manifest.json: file")
+        except Phi3ExportError as exc:
+            problems.append(str(exc))
+            continue
+        if path.is_symlink():
+            problems.append(f"symlink instead of the file: {entry['path']} (a bundle holds plain files)")
+        elif not path.is_file():
             problems.append(f"missing: {entry['path']}")
         elif _is_lfs_pointer(path):
             problems.append(f"Git LFS pointer instead of the file: {entry['path']} ({path.stat().st_size} bytes; "
@@ -124,15 +134,25 @@ def verify_bundle(bundle: Path) -> VerifyResult:
         return result
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        result.problems.append(f"manifest.json: invalid JSON at line {exc.lineno}: {exc.msg}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        result.problems.append(f"manifest.json: invalid JSON: {str(exc).splitlines()[0]}")
         return result
-    files = manifest.get("files") or []
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list) or not manifest["files"]:
+        result.problems.append("manifest.json: not a phi3-export bundle manifest (no 'files' list)")
+        return result
+    files = manifest["files"]
     result.problems += problems_against(bundle, files)
     if not result.problems:
         result.checks.append(f"{len(files)} files match the manifest (size and sha256)")
-    for model in manifest.get("models") or []:
-        folder = bundle / model["folder"]
+    models = manifest.get("models")
+    for model in models if isinstance(models, list) else []:
+        try:
+            if not isinstance(model, dict):
+                raise Phi3ExportError(f"manifest.json: a models entry is not an object: {str(model)[:80]}")
+            folder = inside(bundle, model.get("folder"), "manifest.json: model folder")
+        except Phi3ExportError as exc:
+            result.problems.append(str(exc))
+            continue
         if not folder.is_dir():
             continue  # already named file by file above
         _load_tokenizer(folder, result, model["folder"])

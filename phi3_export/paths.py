@@ -1,0 +1,26 @@
+"""Paths read from manifests and bundles resolve inside their folder, or not at all.
+
+A manifest is data from disk (maybe edited, maybe hostile): an entry like ``../../etc/passwd``,
+an absolute path or a symlink pointing elsewhere must never make phi3-export read, copy or
+"verify" a file outside the folder the manifest describes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from phi3_export.errors import Phi3ExportError
+
+
+def inside(root: Path, relative: object, what: str) -> Path:
+    """``root / relative``, refused (one line naming ``what``) unless it stays inside ``root``."""
+    if not isinstance(relative, str) or not relative or Path(relative).is_absolute():
+        raise Phi3ExportError(f"{what}: {relative!r} is not a relative path inside {root}")
+    path = root / relative
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise Phi3ExportError(f"{what}: {relative!r} resolves outside {root}")
+    return path
+
+
+def symlinks_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_symlink())
