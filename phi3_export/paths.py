@@ -24,3 +24,10 @@ def inside(root: Path, relative: object, what: str) -> Path:
 
 def symlinks_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_symlink())
+
+
+def check_separate(out: Path, source: Path, flag: str) -> None:
+    """Refuse an output folder that is, contains, or lies inside an input folder (it would be written into or replaced)."""
+    out_r, source_r = Path(out).resolve(), Path(source).resolve()
+    if out_r.is_relative_to(source_r) or source_r.is_relative_to(out_r):
+        raise Phi3ExportError(f"--out {out}: overlaps {flag} {source}; the input is never written to: choose another --out")

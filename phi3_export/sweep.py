@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phi3_export.errors import Phi3ExportError
+from phi3_export.paths import check_separate
 from phi3_export.progress import Progress
 
 
@@ -40,6 +41,7 @@ def sweep(checkpoint: Path, out: Path, *, recipe: str | None, points: list[Point
     from phi3_export.validate.run import validate_artifacts
 
     out = Path(out)
+    check_separate(out, checkpoint, "--checkpoint")
     runs = out / "runs"
     results = []
     with progress.task("sweep", len(points)) as task:
