@@ -78,7 +78,8 @@ def tokenizer_check(folder: Path, ref_tokenizer, text: str) -> dict:
     ours = reference_tokenizer(folder)
     prompt = (ours.apply_chat_template(PARITY_MESSAGES, tokenize=False, add_generation_prompt=True)
               if ref_tokenizer.chat_template else None)
-    return tokenizer_parity.compare(list(ours(text, add_special_tokens=False).input_ids), prompt, ref_tokenizer, text)
+    return tokenizer_parity.compare(list(ours(text, add_special_tokens=False).input_ids), prompt, ref_tokenizer, text,
+                                    encode=lambda s: list(ours(s, add_special_tokens=False).input_ids))
 
 
 def program_accuracy(program: MilProgram, ref, progress) -> dict:
@@ -116,7 +117,7 @@ def validate_coreml(artifact, ref, base: dict, common: dict, progress) -> list[d
     program = MilProgram(package)
     checks, facts = structural_checks(program, artifact.entry, artifact.manifest.get("settings"), artifact.folder)
     parity = tokenizer_check(artifact.folder, ref.tokenizer, ref.text)
-    checks.append(_check("tokenizer_parity", parity["passed"], "ids and chat template identical" if parity["passed"] else "tokenizers differ"))
+    checks.append(_check("tokenizer_parity", parity["passed"], "ids and chat template identical" if parity["passed"] else parity["detail"]))
     ctx = artifact.entry.get("context_length") or 0
     kv = None
     if KEY_CACHE in facts["states"]:  # a package without it already failed coreml_kv_states

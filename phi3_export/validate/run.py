@@ -285,7 +285,7 @@ def validate_artifacts(path: Path, reference: Path, options: ValidateOptions, pr
         checks = structure.structural_checks(artifact.folder, artifact.genai_config, artifact.entry)
         parity = tokenizer_parity.check(artifact.folder, ref.tokenizer, ref.text)
         checks.append({"name": "tokenizer_parity", "passed": parity["passed"],
-                       "detail": "ids and chat template identical" if parity["passed"] else "tokenizers differ (see tokenizer)"})
+                       "detail": "ids and chat template identical" if parity["passed"] else parity["detail"]})
         for provider in _providers_for(artifact, options):
             ep = ORT_PROVIDERS.get(provider, provider)  # a manifest may name one we do not know: "not run" below
             record = {**base, "provider": provider, "execution_provider": ep, "checks": checks, "tokenizer": parity}
