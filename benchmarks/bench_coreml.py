@@ -1,6 +1,6 @@
 """`make bench` (Core ML part): one quantization, two formats, on real weights.
 
-SmolLM2-135M-Instruct in Phi-3 layout (built by bench_awq.py's `smollm2_checkpoint`). For
+SmolLM2-135M-Instruct in Phi-3 layout (built by phi3_export.fixtures.smollm2's `smollm2_checkpoint`). For
 RTN and AWQ at int4 g32 symmetric: the Core ML export's wall time and peak memory
 (sampled RssAnon), the `.mlpackage` size beside the ONNX CPU artifact's, and `validate` on
 both: the ONNX artifact through ONNX Runtime, the Core ML one as its saved ML program
@@ -20,9 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_awq import smollm2_checkpoint
 from bench_full import folder_mb
 
+from phi3_export.fixtures.smollm2 import smollm2_checkpoint
 from phi3_export.memory import run_measured
 
 
