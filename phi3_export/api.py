@@ -10,9 +10,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from phi3_export.arch import architecture
+from pydantic import ValidationError
+
 from phi3_export.checkpoint import Checkpoint
-from phi3_export.checkpoint.check import check_recipe, check_tensors, matching_recipes
+from phi3_export.checkpoint.check import check_memory, check_recipe, check_tensors, checked_architecture, matching_recipes
 from phi3_export.errors import Phi3ExportError
 from phi3_export.export.coreml import MLPACKAGE, export_coreml
 from phi3_export.export.coreml.artifact import context_length as coreml_context_length
@@ -22,12 +23,15 @@ from phi3_export.export.onnx.targets import check_target_ops, resolve_target
 from phi3_export.job import Job
 from phi3_export.manifest import MANIFEST_VERSION, config_sha256, write_manifest
 from phi3_export.output import check_free_space, check_replaceable, file_entries, staged_output
+from phi3_export.paths import check_separate
 from phi3_export.progress import Progress
 from phi3_export.quant.qcheckpoint import QuantizedCheckpoint
 from phi3_export.quant.request import QuantizeRequest
 from phi3_export.quant.settings import QuantSettings
 from phi3_export.quant.stage import QUANTIZERS
 from phi3_export.recipes import Recipe, list_recipes, load_recipe
+from phi3_export.recipes.loader import clean_message
+from phi3_export.recipes.schema import AwqSettings
 from phi3_export.versions import library_versions, tool_version
 
 FORMATS = ("onnx", "coreml")
@@ -79,7 +83,29 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _request(recipe: Recipe, needs_calibration: bool, calib_text, samples, seqlen, seed) -> QuantizeRequest:
+CALIBRATION_FLAGS = {"samples": "--calib-samples", "seqlen": "--calib-seqlen", "seed": "--seed"}
+
+
+def _awq_settings(recipe: Recipe, facts, samples: int | None, seqlen: int | None, seed: int | None,
+                  calibrating: bool) -> AwqSettings:
+    """The recipe's AWQ settings with the calibration flags on top, validated by the recipe schema
+    (a flag given is checked whatever the method; the context bound only when calibrating)."""
+    given = {k: v for k, v in (("samples", samples), ("seqlen", seqlen), ("seed", seed)) if v is not None}
+    try:
+        merged = AwqSettings.model_validate({**recipe.quantization.awq.model_dump(), **given})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = str(err["loc"][0]) if err["loc"] else ""
+        flag = f"{CALIBRATION_FLAGS[key]} {given[key]}" if key in given else f"recipe {recipe.name}: quantization.awq.{key}"
+        raise Phi3ExportError(f"{flag}: {clean_message(err['msg'])}") from None
+    context = facts.context_length
+    if calibrating and isinstance(context, int) and merged.seqlen > context:
+        where = f"--calib-seqlen {merged.seqlen}" if seqlen is not None else f"recipe {recipe.name}: quantization.awq.seqlen"
+        raise Phi3ExportError(f"{where} exceeds the model's context length {context}")
+    return merged
+
+
+def _request(awq: AwqSettings, needs_calibration: bool, calib_text) -> QuantizeRequest:
     if not needs_calibration:
         return QuantizeRequest()
     from phi3_export.fixtures.corpus import corpus_text
@@ -89,14 +115,15 @@ def _request(recipe: Recipe, needs_calibration: bool, calib_text, samples, seqle
         path = Path(calib_text)
         if not path.is_file():
             raise Phi3ExportError(f"{path}: --calib-text file not found")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise Phi3ExportError(f"{path}: --calib-text is not UTF-8 text (byte {exc.start})") from None
+        if not text.strip():
+            raise Phi3ExportError(f"{path}: --calib-text is empty")
     else:
         text = corpus_text("calibration")  # disjoint from the eval part that validate uses
-    awq = recipe.quantization.awq
-    options = AwqOptions(
-        samples=samples or awq.samples, seqlen=seqlen or awq.seqlen, seed=awq.seed if seed is None else seed,
-        alpha_grid=awq.alpha_grid, clip=awq.clip,
-    )
+    options = AwqOptions(samples=awq.samples, seqlen=awq.seqlen, seed=awq.seed, alpha_grid=awq.alpha_grid, clip=awq.clip)
     return QuantizeRequest(calibration_text=text, awq=options, resume=True)
 
 
@@ -133,16 +160,19 @@ def quantize(
     the same command run again resumes after the last finished layer.
     """
     progress = progress or Progress(enabled=False)
+    out = Path(out)
+    # Inputs are never written to: an --out that is, holds or lies inside the checkpoint is refused.
+    check_separate(out, Path(checkpoint), "--checkpoint")
+    # Every check below reads headers and config only: nothing is allocated or written until they pass.
     ckpt = Checkpoint(checkpoint)
-    arch_name = (ckpt.config.get("architectures") or [None])[0]
-    if not arch_name:
-        raise Phi3ExportError(f"{ckpt.folder / 'config.json'}: no 'architectures' entry")
-    arch = architecture(arch_name, source=str(ckpt.folder / "config.json"))
+    source = str(ckpt.folder / "config.json")
+    arch = checked_architecture(ckpt)  # config.json range-checked, before any fact or plan is built from it
     facts = arch.facts_from_config(ckpt.config, ckpt.tokenizer_kind)
+    if max_length is not None and isinstance(facts.context_length, int) and max_length > facts.context_length:
+        raise Phi3ExportError(f"--max-length {max_length} exceeds the model's context length {facts.context_length} "
+                              f"({source} max_position_embeddings)")
     plan = arch.plan(ckpt.config)
     choice = choose_recipe(ckpt, facts, recipe)
-    check_tensors(ckpt, plan)
-    progress.message(f"recipe: {choice.recipe.name} ({choice.how})")
     settings = QuantSettings.from_recipe(
         choice.recipe.quantization, bits=bits, method=method, block_size=block_size, symmetric=symmetric,
         accuracy_level=accuracy_level, overrides={**choice.recipe.quantization.overrides, "lm_head": lm_head} if lm_head else None,
@@ -161,19 +191,35 @@ def quantize(
     for target in resolved:
         check_target_ops(target, plan)
     coreml_context = coreml_context_length(choice.recipe, facts, max_length) if "coreml" in formats else None
+    quantizer = QUANTIZERS[settings.method]
+    awq = _awq_settings(choice.recipe, facts, calib_samples, calib_seqlen, seed, quantizer.needs_calibration)
+    longest = max([t.max_length for t in resolved] + ([coreml_context] if coreml_context else []), default=0)
+    blame = {"rope": f"--max-length {max_length}"} if max_length is not None else {}
+    if quantizer.needs_calibration and (calib_samples is not None or calib_seqlen is not None):
+        blame["calibration"] = " ".join(f"{flag} {v}" for flag, v in (("--calib-samples", calib_samples),
+                                                                      ("--calib-seqlen", calib_seqlen)) if v is not None)
+    check_memory(ckpt.config, source, max_length=longest, blame=blame,
+                 calibration=(awq.samples, awq.seqlen) if quantizer.needs_calibration else None)
+    check_tensors(ckpt, plan)
+    progress.message(f"recipe: {choice.recipe.name} ({choice.how})")
     _warn_slow_int8(settings, plan, resolved, progress)
-    out = Path(out)
     check_replaceable(out, force)
     check_free_space(out.parent if out.parent.exists() else Path.cwd(), _estimate_bytes(ckpt, settings, len(resolved) + 2 * ("coreml" in formats)))
-
-    quantizer = QUANTIZERS[settings.method]
-    request = _request(choice.recipe, quantizer.needs_calibration, calib_text, calib_samples, calib_seqlen, seed)
+    request = _request(awq, quantizer.needs_calibration, calib_text)
 
     job = Job(ckpt=ckpt, arch=arch, plan=plan, facts=facts, recipe=choice.recipe, settings=settings, progress=progress)
     with staged_output(out, force) as staging:
         # A resumable method works in a folder that outlives a failed or interrupted run.
         qdir = out.parent / f".{out.name}.{settings.method}-work" if quantizer.resumable else staging / "quantized"
-        quantizer.run(job, qdir, request)
+        fresh = not qdir.exists()
+        try:
+            quantizer.run(job, qdir, request)
+        except Phi3ExportError:
+            # Bad input found mid-stream (a NaN weight): nothing to resume from this run's folder.
+            # (An interrupted run keeps it: the same command resumes after its last finished layer.)
+            if fresh and qdir.parent != staging:
+                shutil.rmtree(qdir, ignore_errors=True)
+            raise
         qckpt = QuantizedCheckpoint(qdir)
         artifacts = []
         for target in resolved:

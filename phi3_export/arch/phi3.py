@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from pydantic import ValidationError
+
 from phi3_export.arch.base import Architecture, causal_mask
 from phi3_export.arch.plan import (
     Attention,
@@ -26,6 +28,8 @@ from phi3_export.arch.plan import (
 )
 from phi3_export.arch.registry import register
 from phi3_export.checkpoint.config import rope_settings
+from phi3_export.errors import Phi3ExportError
+from phi3_export.recipes.loader import clean_message
 from phi3_export.recipes.schema import ModelFacts
 
 
@@ -35,16 +39,34 @@ def longrope_attention_factor(config: dict[str, Any], rope: dict[str, Any]) -> f
         return 1.0
     if rope.get("attention_factor") is not None:
         return float(rope["attention_factor"])
-    ctx = config.get("max_position_embeddings", 4096)
+    ctx = config.get("max_position_embeddings") or 4096
     orig = config.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or ctx
     scale = ctx / orig
     return 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(orig))
 
 
+def rms_norm_eps(config: dict[str, Any]) -> float:
+    eps = config.get("rms_norm_eps")
+    return 1e-5 if eps is None else float(eps)
+
+
+def model_facts(**facts: Any) -> ModelFacts:
+    """ModelFacts from config.json values (``check_config`` has range-checked them already)."""
+    try:
+        return ModelFacts(**facts)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "config"
+        if field == "tokenizer":
+            raise Phi3ExportError("checkpoint has no usable tokenizer (tokenizer.json, or tokenizer.model for a "
+                                  "sentencepiece-style one)") from None
+        raise Phi3ExportError(f"config.json: {field}: {clean_message(err['msg'])}") from None
+
+
 def rotary_of(config: dict[str, Any], head_dim: int, scales: tuple[float, float] | None = None) -> Rotary:
     """The plan's Rotary from config.json (plain or LongRoPE, partial rotary)."""
     rope = rope_settings(config)
-    ctx = config.get("max_position_embeddings", 4096)
+    ctx = config.get("max_position_embeddings") or 4096
     orig = config.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or ctx
     dim = int(head_dim * rope["partial_rotary_factor"])
     if rope["kind"] != "longrope":
@@ -65,9 +87,10 @@ class Phi3(Architecture):
         hidden = config["hidden_size"]
         rope = rope_settings(config)
         sliding = config.get("sliding_window")
-        return ModelFacts(
+        ctx = config.get("max_position_embeddings") or 4096
+        return model_facts(
             architecture=config["architectures"][0],
-            model_type=config.get("model_type", "phi3"),
+            model_type=config.get("model_type") or "phi3",
             num_layers=config["num_hidden_layers"],
             hidden_size=hidden,
             num_heads=heads,
@@ -75,9 +98,8 @@ class Phi3(Architecture):
             head_dim=config.get("head_dim") or hidden // heads,
             intermediate_size=config["intermediate_size"],
             vocab_size=config["vocab_size"],
-            context_length=config.get("max_position_embeddings", 4096),
-            original_context_length=config.get("original_max_position_embeddings")
-            or config.get("max_position_embeddings", 4096),
+            context_length=ctx,
+            original_context_length=config.get("original_max_position_embeddings") or ctx,
             rope={"kind": rope["kind"], "theta": rope["theta"], "partial_rotary_factor": rope["partial_rotary_factor"]},
             sliding_window="none" if sliding is None else sliding,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
@@ -89,7 +111,7 @@ class Phi3(Architecture):
         hidden, heads = config["hidden_size"], config["num_attention_heads"]
         kv_heads = config.get("num_key_value_heads") or heads
         head_dim = config.get("head_dim") or hidden // heads
-        inter, eps = config["intermediate_size"], float(config.get("rms_norm_eps", 1e-5))
+        inter, eps = config["intermediate_size"], rms_norm_eps(config)
         q, kv = heads * head_dim, kv_heads * head_dim
         p = f"model.layers.{i}."
         qkv = Linear(f"{p}self_attn.qkv_proj.weight", "qkv_proj", (q + 2 * kv, hidden),
@@ -123,7 +145,7 @@ class Phi3(Architecture):
         decoder = Decoder(
             hidden=hidden, vocab=vocab, heads=heads, kv_heads=config.get("num_key_value_heads") or heads, head_dim=head_dim,
             embedding=embedding, layers=tuple(cls.layer(config, i) for i in range(config["num_hidden_layers"])),
-            final_norm=Norm("rms", "model.norm.weight", float(config.get("rms_norm_eps", 1e-5))),
+            final_norm=Norm("rms", "model.norm.weight", rms_norm_eps(config)),
             lm_head=Linear(embedding if tied else "lm_head.weight", "lm_head", (vocab, hidden)), tied=tied,
             rotary=rotary_of(config, head_dim),
         )

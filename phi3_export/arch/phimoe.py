@@ -8,34 +8,42 @@ has a bias. Facts: shared/reference/family-next.md; semantics in arch/phimoe_lay
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from phi3_export.arch.base import Architecture, causal_mask
-from phi3_export.arch.phi3 import rotary_of
+from phi3_export.arch.phi3 import model_facts, rms_norm_eps, rotary_of
 from phi3_export.arch.plan import Attention, Decoder, DecoderLayer, Expert, Linear, ModelPlan, Moe, Norm, ScalingGroup
 from phi3_export.arch.registry import register
 from phi3_export.checkpoint.config import rope_settings
 from phi3_export.recipes.schema import ModelFacts
 
 
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
 def _dims(config: dict[str, Any]) -> dict[str, int]:
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     return {"hidden": hidden, "heads": heads, "kv_heads": config.get("num_key_value_heads") or heads,
             "head_dim": config.get("head_dim") or hidden // heads, "inter": config["intermediate_size"],
-            "experts": config["num_local_experts"], "top_k": config.get("num_experts_per_tok", 2)}
+            "experts": config["num_local_experts"], "top_k": config.get("num_experts_per_tok") or 2}
 
 
 @register
 class PhiMoE(Architecture):
     names = ("PhiMoEForCausalLM", "PhimoeForCausalLM")  # as published; as transformers' save_pretrained names it
+    # config.json keys beyond the common ones (checkpoint/config.py check_config), and values
+    # supported only exactly: sparsemixer routing picks two experts (arch/phimoe_layer.py).
+    config_required: ClassVar[tuple[str, ...]] = ("num_local_experts",)
+    config_fixed: ClassVar[dict[str, int]] = {"num_experts_per_tok": 2}
 
     @classmethod
     def facts_from_config(cls, config: dict[str, Any], tokenizer_kind: str) -> ModelFacts:
         d, rope = _dims(config), rope_settings(config)
         sliding = config.get("sliding_window")
-        ctx = config.get("max_position_embeddings", 4096)
-        return ModelFacts(
-            architecture=config["architectures"][0], model_type=config.get("model_type", "phimoe"),
+        ctx = config.get("max_position_embeddings") or 4096
+        return model_facts(
+            architecture=config["architectures"][0], model_type=config.get("model_type") or "phimoe",
             num_layers=config["num_hidden_layers"], hidden_size=d["hidden"], num_heads=d["heads"], num_kv_heads=d["kv_heads"],
             head_dim=d["head_dim"], intermediate_size=d["inter"], vocab_size=config["vocab_size"], context_length=ctx,
             original_context_length=config.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or ctx,
@@ -48,7 +56,7 @@ class PhiMoE(Architecture):
     @classmethod
     def layer(cls, config: dict[str, Any], i: int) -> DecoderLayer:
         d, p = _dims(config), f"model.layers.{i}."
-        hidden, hd, eps = d["hidden"], d["head_dim"], float(config.get("rms_norm_eps", 1e-5))
+        hidden, hd, eps = d["hidden"], d["head_dim"], rms_norm_eps(config)
         q_rows, kv_rows = d["heads"] * hd, d["kv_heads"] * hd
         biased = bool(config.get("attention_bias", False))
 
@@ -75,7 +83,7 @@ class PhiMoE(Architecture):
         # The router picks experts from its logits: never quantized.
         router = linear("block_sparse_moe.gate", "router", (d["experts"], hidden), quantize=False)
         moe = Moe("moe", d["inter"], router, experts, d["top_k"], "sparsemixer",
-                  jitter_eps=float(config.get("router_jitter_noise", 0.01)))
+                  jitter_eps=float(_or(config.get("router_jitter_noise"), 0.01)))
         attn_norm, mlp_norm = norm("input_layernorm"), norm("post_attention_layernorm")
         groups = (
             ScalingGroup(prev=attn_norm, linears=(q, k, v), inspect="self_attn"),
@@ -93,7 +101,7 @@ class PhiMoE(Architecture):
     @classmethod
     def plan(cls, config: dict[str, Any]) -> ModelPlan:
         d = _dims(config)
-        vocab, eps = config["vocab_size"], float(config.get("rms_norm_eps", 1e-5))
+        vocab, eps = config["vocab_size"], rms_norm_eps(config)
         rope = rope_settings(config)
         mscales = (rope["short_mscale"], rope["long_mscale"]) if rope.get("short_mscale") is not None else None
         decoder = Decoder(

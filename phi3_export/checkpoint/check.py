@@ -1,4 +1,6 @@
-"""Recipe against checkpoint: the checkpoint's config.json is the authority on facts.
+"""Checkpoint checks before anything is written: config, tensors, recipe, memory.
+
+Recipe against checkpoint: the checkpoint's config.json is the authority on facts.
 
 Features (architecture, RoPE kind, partial rotary, tied embeddings, sliding window, GQA
 ratio) must always agree. Dimensions must agree too, except for a test fixture that
@@ -7,8 +9,13 @@ records which recipe it scales down. A recipe value of ``from-checkpoint`` is no
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
+from phi3_export.arch import Architecture, architecture
 from phi3_export.arch.plan import ModelPlan
-from phi3_export.checkpoint.reader import Checkpoint
+from phi3_export.checkpoint.config import architecture_name, check_config, rope_settings
+from phi3_export.checkpoint.reader import FLOAT_DTYPES, Checkpoint
 from phi3_export.errors import Phi3ExportError
 from phi3_export.recipes.schema import FROM_CHECKPOINT, ModelFacts, Recipe
 
@@ -74,7 +81,8 @@ def expected_tensors(plan: ModelPlan) -> dict[str, tuple[int, ...]]:
 
 
 def check_tensors(ckpt: Checkpoint, plan: ModelPlan) -> None:
-    """Before anything is written: every tensor the plan needs is there, with its shape; nothing unknown is."""
+    """Before anything is written: every tensor the plan needs is there, with its shape and a float
+    dtype; nothing unknown is."""
     source = ckpt.folder / "config.json"
     expected = expected_tensors(plan)
     missing = [name for name in expected if name not in ckpt]
@@ -86,7 +94,103 @@ def check_tensors(ckpt: Checkpoint, plan: ModelPlan) -> None:
         if ckpt.shape(name) != shape:
             raise Phi3ExportError(f"{ckpt.folder}: tensor {name!r} has shape {list(ckpt.shape(name))}, "
                                   f"but {source} implies {list(shape)}")
+        dtype = ckpt.dtype_name(name)
+        if dtype not in FLOAT_DTYPES:
+            hint = "dequantize the checkpoint first" if dtype[0] in "IUB" else "convert the checkpoint to one of them"
+            raise Phi3ExportError(f"{ckpt.shard_of(name)}: tensor {name!r} is {dtype}: phi3-export reads "
+                                  f"{'/'.join(FLOAT_DTYPES)} weights; {hint}")
     extra = [name for name in ckpt.names if name not in expected and name not in plan.ignorable]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise Phi3ExportError(f"{ckpt.folder}: tensor {extra[0]!r}{more} is not part of the model {source} describes")
+
+
+def checked_architecture(ckpt: Checkpoint) -> type[Architecture]:
+    """The checkpoint's architecture module, once config.json has passed ``check_config`` and a
+    tokenizer is there: call before any fact or plan is built from the config."""
+    source = ckpt.folder / "config.json"
+    arch = architecture(architecture_name(ckpt.config, source), source=str(source))
+    check_config(ckpt.config, source, required=getattr(arch, "config_required", ()), fixed=getattr(arch, "config_fixed", None))
+    if ckpt.tokenizer_kind == "unknown":
+        raise Phi3ExportError(f"{ckpt.folder}: no tokenizer.json (nor a sentencepiece tokenizer.model): "
+                              "the artifacts need the model's tokenizer")
+    return arch
+
+
+# ---- memory, estimated from config.json before anything is allocated ------------------------
+
+RUNTIME_BYTES = 400 << 20  # python, torch, onnx and their libraries
+ROW_BLOCK_BYTES = 2 * 4 * (1 << 21)  # quant/store.py CHUNK_ELEMENTS in fp32, and the block being quantized
+
+
+def physical_memory() -> int:
+    """Bytes of RAM of this machine (``os.sysconf``); 0 where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def peak_memory_terms(config: dict[str, Any], *, max_length: int, calibration: tuple[int, int] | None = None) -> dict[str, int]:
+    """A lower estimate of the export's peak memory, by what it is for (bytes); ``config`` has passed ``check_config``.
+
+    - ``layer``: one decoder layer (the stages stream one at a time): its weights as read from
+      the checkpoint (2 bytes each), or, for AWQ, the fp32 copy it searches plus the float module;
+    - ``embedding``: the embedding table, read whole where it is stored float, and the row
+      blocks quantized at a time;
+    - ``rope``: the RoPE cos/sin tables sized by max_length (with their temporaries and the
+      graph's copy; twice for LongRoPE's short and long tables);
+    - ``calibration`` (AWQ, ``(samples, seqlen)``): activations in and out of a layer, every
+      linear's captured input, the seqlen x seqlen attention mask.
+    """
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    inter, vocab = config["intermediate_size"], config["vocab_size"]
+    experts, top_k = config.get("num_local_experts") or 1, config.get("num_experts_per_tok") or 1
+    q, kv = heads * head_dim, kv_heads * head_dim
+    layer_params = hidden * (q + 2 * kv) + q * hidden + experts * 3 * hidden * inter + (experts * hidden if experts > 1 else 0)
+    rope = rope_settings(config)
+    rotary_half = int(head_dim * rope["partial_rotary_factor"]) // 2
+    terms = {
+        "layer": layer_params * (8 if calibration else 2),
+        "embedding": vocab * hidden * 2 + ROW_BLOCK_BYTES,
+        "rope": max_length * rotary_half * 4 * 4 * (2 if rope["kind"] in ("longrope", "su") else 1),
+        "runtime": RUNTIME_BYTES,
+    }
+    if calibration:
+        samples, seqlen = calibration
+        tokens = samples * seqlen
+        captured = hidden + q + (hidden + inter * min(top_k, experts) if experts > 1 else hidden + inter)
+        terms["calibration"] = tokens * (2 * hidden + captured) * 4 + seqlen * seqlen * 4 * 3 + seqlen * head_dim * 4 * 4
+    return terms
+
+
+def check_memory(config: dict[str, Any], source: str, *, max_length: int, calibration: tuple[int, int] | None = None,
+                 blame: dict[str, str] | None = None) -> None:
+    """Refuse, before any allocation, an export whose estimated peak exceeds this machine's RAM.
+
+    ``blame`` names what to point at for a term (``{"rope": "--max-length 1000000000"}``);
+    otherwise the message names ``source`` (config.json) and its dimensions.
+    """
+    available = physical_memory()
+    terms = peak_memory_terms(config, max_length=max_length, calibration=calibration)
+    total = sum(terms.values())
+    if not available or total <= available:
+        return
+    worst = max(terms, key=terms.get)
+    what = {
+        "layer": f"one decoder layer (hidden_size {config['hidden_size']}, intermediate_size {config['intermediate_size']}"
+                 + (f", {config['num_local_experts']} experts" if config.get("num_local_experts") else "") + ")",
+        "embedding": f"the embedding table (vocab_size {config['vocab_size']} x hidden_size {config['hidden_size']})",
+        "rope": f"RoPE tables for max_length {max_length}",
+        "calibration": "AWQ calibration activations" + (f" ({calibration[0]} samples x {calibration[1]} tokens)" if calibration else ""),
+        "runtime": "the runtime",
+    }[worst]
+    where = (blame or {}).get(worst, source)
+    raise Phi3ExportError(f"{where}: the export would need about {_gb(total)} of memory ({_gb(terms[worst])} for {what}), "
+                          f"more than this machine's {_gb(available)}")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n < 1 << 50 else f"{n / 2**40:.3g} TiB"

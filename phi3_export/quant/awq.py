@@ -32,7 +32,7 @@ from phi3_export.quant.qcheckpoint import QuantizedCheckpointWriter
 from phi3_export.quant.request import QuantizeRequest
 from phi3_export.quant.rtn import quantize_rtn
 from phi3_export.quant.settings import QuantSettings
-from phi3_export.quant.store import group_name, store_globals, store_weights
+from phi3_export.quant.store import check_finite, group_name, store_globals, store_weights
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,8 @@ def calibration_tokens(ckpt: Checkpoint, text: str, options: AwqOptions) -> torc
         raise Phi3ExportError(f"{ckpt.folder}: AWQ needs tokenizer.json to tokenize the calibration text")
     ids = torch.tensor(Tokenizer.from_file(str(path)).encode(text).ids, dtype=torch.long)
     if len(ids) < options.seqlen + 1:
-        raise Phi3ExportError(f"calibration text is {len(ids)} tokens, shorter than --calib-seqlen {options.seqlen}")
+        raise Phi3ExportError(f"--calib-text: the calibration text is {len(ids)} tokens, shorter than "
+                              f"--calib-seqlen {options.seqlen} (+1)")
     gen = torch.Generator().manual_seed(options.seed)
     starts = torch.randint(0, len(ids) - options.seqlen, (options.samples,), generator=gen)
     return torch.stack([ids[s : s + options.seqlen] for s in starts])
@@ -347,9 +348,11 @@ def awq_quantize_checkpoint(job: Job, out: Path, request: QuantizeRequest) -> Pa
         raise Phi3ExportError(f"--method awq needs --bits 4 or 8, not {settings.bits}")
     meta = {"architecture": job.facts.architecture, "config": ckpt.config, "settings": settings.as_dict(),
             "awq": asdict(options)}
-    writer = QuantizedCheckpointWriter(out, meta)
     state = ResumeState(out, fingerprint(ckpt, settings, options, calibration_text))
     saved = state.load() if request.resume else None
+    # The calibration input is validated before the work folder is made: a bad one leaves nothing behind.
+    tokens = None if saved else calibration_tokens(ckpt, calibration_text, options)
+    writer = QuantizedCheckpointWriter(out, meta)
     extra = job.arch.calibration_inputs(ckpt.config, options.seqlen)
     fallback: list[str] = []
     if saved:
@@ -361,8 +364,8 @@ def awq_quantize_checkpoint(job: Job, out: Path, request: QuantizeRequest) -> Pa
         for stale in out.glob("*.safetensors"):  # a different run's layers: start afresh
             stale.unlink()
         state.clear()
-        tokens = calibration_tokens(ckpt, calibration_text, options)
         x = ckpt.gather_rows(job.plan.decoder.embedding, tokens)  # only the calibration tokens' rows, never the whole table
+        check_finite(job.plan.decoder.embedding, x)  # a NaN row would silently void every layer's search
     # Progress within each layer too: at Phi-3-mini width one layer takes minutes.
     with job.progress.task("awq", sum(_layer_steps(layer) for layer in layers[start:])) as task:
         for layer in stream_layers(ckpt, layers[start:]):

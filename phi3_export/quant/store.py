@@ -13,6 +13,7 @@ import torch
 
 from phi3_export.arch.plan import Decoder, DecoderLayer, Linear, Norm
 from phi3_export.checkpoint.reader import Checkpoint
+from phi3_export.errors import Phi3ExportError
 from phi3_export.quant.qcheckpoint import QuantizedCheckpointWriter
 from phi3_export.quant.rtn import QuantizedTensor, quantize_rtn
 from phi3_export.quant.settings import QuantSettings
@@ -23,14 +24,28 @@ CHUNK_ELEMENTS = 1 << 21
 
 
 def _row_step(cols: int) -> int:
-    return max(1, CHUNK_ELEMENTS // cols)
+    return max(1, CHUNK_ELEMENTS // max(1, cols))
 
 
-def quantize_rows(weight: torch.Tensor, bits: int, settings: QuantSettings) -> Iterator[QuantizedTensor]:
+def check_finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, unless it holds a NaN or an infinity: then a one-line error naming the tensor.
+
+    Checked as every tensor streams through (a row block, an in-memory weight, a float tensor),
+    in chunks so the check's temporary stays small whatever the tensor.
+    """
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), CHUNK_ELEMENTS):
+        if not torch.isfinite(flat[start : start + CHUNK_ELEMENTS]).all():
+            raise Phi3ExportError(f"{name}: contains NaN or Inf (the checkpoint's weights are corrupt or overflowed)")
+    return tensor
+
+
+def quantize_rows(weight: torch.Tensor, bits: int, settings: QuantSettings, name: str = "weight") -> Iterator[QuantizedTensor]:
     """An in-memory weight, quantized in row blocks."""
     step = _row_step(weight.shape[1])
     for start in range(0, weight.shape[0], step):
-        yield quantize_rtn(weight[start : start + step], bits, settings.block_size, settings.symmetric)
+        block = check_finite(name, weight[start : start + step])
+        yield quantize_rtn(block, bits, settings.block_size, settings.symmetric)
 
 
 def quantize_checkpoint_rows(ckpt: Checkpoint, name: str, bits: int, settings: QuantSettings) -> Iterator[QuantizedTensor]:
@@ -38,7 +53,8 @@ def quantize_checkpoint_rows(ckpt: Checkpoint, name: str, bits: int, settings: Q
     rows, cols = ckpt.shape(name)
     step = _row_step(cols)
     for start in range(0, rows, step):
-        yield quantize_rtn(ckpt.rows(name, start, min(rows, start + step)), bits, settings.block_size, settings.symmetric)
+        block = check_finite(name, ckpt.rows(name, start, min(rows, start + step)))
+        yield quantize_rtn(block, bits, settings.block_size, settings.symmetric)
 
 
 def linear_precision(linear: Linear, settings: QuantSettings) -> str:
@@ -51,7 +67,7 @@ def store_tensor(writer: QuantizedCheckpointWriter, ckpt: Checkpoint, name: str,
     if precision in ("int4", "int8"):
         writer.add_quantized_rows(name, quantize_checkpoint_rows(ckpt, name, int(precision[3:]), settings), role)
     else:
-        writer.add_float(name, ckpt.tensor(name, None), role)
+        writer.add_float(name, check_finite(name, ckpt.tensor(name, None)), role)
 
 
 def store_weights(writer: QuantizedCheckpointWriter, blocks: tuple[Linear | Norm, ...], weights: dict[str, torch.Tensor],
@@ -60,15 +76,17 @@ def store_weights(writer: QuantizedCheckpointWriter, blocks: tuple[Linear | Norm
     for block in blocks:
         if isinstance(block, Norm):
             for name in block.tensors():
-                writer.add_float(name, weights[name].to(ckpt.torch_dtype(name)), block.module or "norm")
+                writer.add_float(name, check_finite(name, weights[name]).to(ckpt.torch_dtype(name)), block.module or "norm")
             continue
         precision = linear_precision(block, settings)
         if precision in ("int4", "int8"):
-            writer.add_quantized_rows(block.weight, quantize_rows(weights[block.weight], int(precision[3:]), settings), block.role)
+            writer.add_quantized_rows(block.weight, quantize_rows(weights[block.weight], int(precision[3:]), settings, block.weight),
+                                      block.role)
         else:
-            writer.add_float(block.weight, weights[block.weight], block.role)
+            writer.add_float(block.weight, check_finite(block.weight, weights[block.weight]), block.role)
         if block.bias:
-            writer.add_float(block.bias, weights[block.bias].to(ckpt.torch_dtype(block.bias)), f"{block.role}.bias")
+            writer.add_float(block.bias, check_finite(block.bias, weights[block.bias]).to(ckpt.torch_dtype(block.bias)),
+                             f"{block.role}.bias")
 
 
 def store_blocks_from_checkpoint(writer: QuantizedCheckpointWriter, blocks: tuple[Linear | Norm, ...], ckpt: Checkpoint,

@@ -70,9 +70,11 @@ class ModelFacts(Strict):
 class AwqSettings(Strict):
     """Calibration and search settings of --method awq."""
 
-    samples: int = Field(default=32, gt=0)
-    seqlen: int = Field(default=256, ge=16)
-    seed: int = 0
+    # Windows of calibration text, and tokens per window (at least one block of 16; at most the
+    # longest context config.json may declare; api also caps it at the model's own context).
+    samples: int = Field(default=32, gt=0, le=1 << 16)
+    seqlen: int = Field(default=256, ge=16, le=1 << 22)
+    seed: int = Field(default=0, ge=-(1 << 62), le=1 << 62)  # torch generators take 64-bit seeds (plus per-layer offsets)
     alpha_grid: int = Field(default=20, ge=1)
     clip: bool = True
 

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from phi3_export.arch import architecture
 from phi3_export.arch.plan import Norm
+from phi3_export.checkpoint.check import checked_architecture
 from phi3_export.checkpoint.reader import Checkpoint
 from phi3_export.checkpoint.stream import load_tensors, stream_layers
 
@@ -36,7 +36,7 @@ def torch_norm(norm: Norm, x: torch.Tensor, tensors: dict[str, torch.Tensor]) ->
 class StreamedReference:
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
-        self.arch = architecture(ckpt.config.get("architectures", ["?"])[0])
+        self.arch = checked_architecture(ckpt)  # config.json range-checked before facts and plan are built
         self.facts = self.arch.facts_from_config(ckpt.config, ckpt.tokenizer_kind)
         self.plan = self.arch.plan(ckpt.config)
 

@@ -39,7 +39,9 @@ def context_length(recipe: Recipe, facts: ModelFacts, requested: int | None) -> 
         # needs coremltools' save_multifunction, which loads every weight into memory.
         raise Phi3ExportError(f"recipe {recipe.name}: export.coreml.functions "
                               f"{recipe.export.coreml.functions!r} is not supported yet (use 'single')")
-    length = requested or recipe.export.coreml.context_length
+    if requested is not None and requested <= 0:
+        raise Phi3ExportError(f"--max-length {requested}: must be a positive number of tokens")
+    length = recipe.export.coreml.context_length if requested is None else requested
     limit = facts.context_length if isinstance(facts.context_length, int) else None
     if limit is not None and length > limit:
         raise Phi3ExportError(f"Core ML context length {length} exceeds the model's context length {limit}")

@@ -68,8 +68,13 @@ def resolve_target(name: str, recipe: Recipe, bits: int, accuracy_level: int, ma
         raise Phi3ExportError(
             f"--bits {bits}: target {name} runs {' or '.join(f'--bits {b}' for b in target.float_bits)} unquantized"
         )
+    if max_length is not None and max_length <= 0:
+        raise Phi3ExportError(f"--max-length {max_length}: must be a positive number of tokens")
     options = recipe.export.target_options.get(name)
-    length = max_length or (options.max_length if options and options.max_length else recipe.export.max_length)
+    if max_length is not None:  # 0 is not "unset": it is refused above
+        length = max_length
+    else:
+        length = options.max_length if options and options.max_length else recipe.export.max_length
     context = recipe.model.context_length
     if isinstance(context, int) and length > context:
         raise Phi3ExportError(f"--max-length {length} exceeds the model's context length {context}")
