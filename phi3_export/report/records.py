@@ -34,10 +34,51 @@ class Row:
     peak_rss_anon_mb: float | None
     machine: dict
     source: str
+    # added after schema 1's first fields (report.json rows only grow): what the table and plot also show
+    format: str | None = None
+    recipe: str | None = None
+    settings: dict | None = None
+    linear_bits_per_weight: float | None = None  # linear weights only: bits + scale/zero-point bits per block
 
     @property
     def key(self) -> tuple[str, str | None]:
         return (self.artifact, self.provider)
+
+
+def linear_bits(settings: dict | None, fmt: str | None, target: str | None) -> float | None:
+    """Bits per weight of the quantized linears alone, from the settings: codes + scale and zero point per block.
+
+    ONNX MatMulNBits stores one scale per block in the target's float type (fp32 on cpu and
+    mobile, fp16 on dml) and a packed zero point only when asymmetric; Core ML's
+    constexpr_blockwise_shift_scale stores an fp16 scale and an offset for every block.
+    Precision overrides (an int8 lm_head, say) are not counted. Unquantized: the float bits.
+    """
+    if not isinstance(settings, dict) or not isinstance(settings.get("bits"), int):
+        return None
+    bits = settings["bits"]
+    if bits in (16, 32):
+        return float(bits)
+    block = settings.get("block_size")
+    if not isinstance(block, int) or block <= 0:
+        return None
+    if fmt == "coreml":
+        scale, zero = 16, bits
+    elif fmt == "onnx":
+        scale, zero = _scale_bits(target), 0 if settings.get("symmetric") else bits
+    else:
+        return None
+    return bits + (scale + zero) / block
+
+
+def _scale_bits(target: str | None) -> int:
+    try:
+        import numpy as np
+
+        from phi3_export.export.onnx.targets import TARGETS
+
+        return 8 * np.dtype(TARGETS[target].io_dtype).itemsize
+    except (ImportError, KeyError):
+        return 32
 
 
 def _first_speed(speed: dict | None) -> dict:
@@ -65,6 +106,8 @@ def row_from_record(record: dict, source: str) -> Row:
         ttft_s=_median(speed.get("time_to_first_token_s")),
         peak_rss_anon_mb=(record.get("memory") or {}).get("peak_rss_anon_mb"),
         machine=record.get("machine") or {}, source=source,
+        format=record.get("format"), recipe=record.get("recipe"), settings=record.get("settings"),
+        linear_bits_per_weight=linear_bits(record.get("settings"), record.get("format"), record.get("target")),
     )
 
 
@@ -89,13 +132,17 @@ def read_records(path: Path) -> list[dict]:
     return doc["records"]
 
 
-def load_rows(record_files: dict[Path, list[dict]]) -> list[Row]:
-    """Rows of already-read record files (``read_records``), in file order."""
+def latest_records(record_files: dict[Path, list[dict]]) -> list[tuple[Path, dict]]:
+    """(file, record) per (artifact, provider): a later file's record of the same pair wins, first-seen order kept."""
     if not record_files:
         raise Phi3ExportError("report: give at least one validate result file")
-    rows: dict[tuple, Row] = {}
+    out: dict[tuple, tuple[Path, dict]] = {}
     for path, records in record_files.items():
         for record in records:
-            row = row_from_record(record, str(path))
-            rows[row.key] = row  # a later file's record of the same artifact and provider wins
-    return list(rows.values())
+            out[(record["artifact"], record.get("provider"))] = (path, record)
+    return list(out.values())
+
+
+def load_rows(record_files: dict[Path, list[dict]]) -> list[Row]:
+    """Rows of already-read record files (``read_records``), in file order."""
+    return [row_from_record(record, str(path)) for path, record in latest_records(record_files)]
