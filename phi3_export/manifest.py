@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from phi3_export.errors import Phi3ExportError
+from phi3_export.jsonfile import read_json
 from phi3_export.paths import inside
 
 MANIFEST_VERSION = 1
@@ -38,7 +39,17 @@ class Artifact:
 
     @cached_property
     def genai_config(self) -> dict:
-        return _read_json(self.folder / "genai_config.json")
+        """The artifact's genai_config.json, with the fields phi3-export reads checked (one-line errors)."""
+        path = self.folder / "genai_config.json"
+        doc = _read_json(path)
+        decoder = (doc.get("model") or {}).get("decoder") if isinstance(doc.get("model"), dict) else None
+        search = doc.get("search")
+        ints = ("num_hidden_layers", "num_key_value_heads", "head_size")
+        if (not isinstance(decoder, dict) or not all(isinstance(decoder.get(k), int) and decoder[k] > 0 for k in ints)
+                or not isinstance(search, dict) or not isinstance(search.get("max_length"), int) or search["max_length"] < 1):
+            raise Phi3ExportError(f"{path}: not an onnxruntime-genai decoder config (model.decoder.{', '.join(ints)} "
+                                  "and search.max_length must be positive integers)")
+        return doc
 
     @property
     def max_length(self) -> int:
@@ -54,10 +65,7 @@ class Artifact:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise Phi3ExportError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    return read_json(path)
 
 
 def find_artifacts(path: Path) -> list[Artifact]:

@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 
 from phi3_export.errors import Phi3ExportError
+from phi3_export.jsonfile import json_type, read_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = (
@@ -49,22 +50,10 @@ MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 def _read_json(path: Path, what: str = "a JSON object") -> dict[str, Any]:
     """One JSON object from ``path``; anything else is a one-line error naming the file."""
-    try:
-        doc = json.loads(path.read_bytes().decode("utf-8"))
-    except json.JSONDecodeError as exc:
-        raise Phi3ExportError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    except UnicodeDecodeError as exc:
-        raise Phi3ExportError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except (ValueError, RecursionError) as exc:  # e.g. an integer of more than 4300 digits, or nesting too deep
-        raise Phi3ExportError(f"{path}: unreadable JSON ({type(exc).__name__})") from None
-    if not isinstance(doc, dict):
-        raise Phi3ExportError(f"{path}: must hold {what}, got a JSON {_json_type(doc)}")
-    return doc
+    return read_json(path, what)
 
 
-def _json_type(value: object) -> str:
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
+_json_type = json_type
 
 
 def _short(value: object) -> str:

@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 from phi3_export.errors import Phi3ExportError
+from phi3_export.jsonfile import read_json
 from phi3_export.manifest import Artifact, find_artifacts, weight_count
 from phi3_export.output import file_entries, staged_output
 from phi3_export.package.targets import RUNTIMES, TARGETS, BundleTarget, SizeLimit
@@ -70,7 +71,7 @@ def _model_facts(folder: str, artifact: Artifact) -> dict:
              "recipe": (manifest.get("recipe") or {}).get("name"), "settings": manifest.get("settings"),
              "size_bytes": size, "bits_per_weight": round(8 * size / weights, 3) if weights else None, "weights": weights}
     if entry.get("format") == "coreml":
-        config = json.loads((artifact.folder / "coreml_config.json").read_text())
+        config = read_json(artifact.folder / "coreml_config.json")
         facts.update(context_length=config["context_length"], max_length=config["context_length"],
                      kv_cache_bytes_at_max_length=config["kv_cache_bytes"])
     else:
@@ -89,12 +90,12 @@ def _runtime(fmt: str) -> dict:
 
 
 def _validation(path: Path, names: set[str]) -> list[dict]:
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise Phi3ExportError(f"{path}: cannot read the validate result ({exc})") from None
+    doc = read_json(Path(path), "a validate result")
+    records = doc.get("records")
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise Phi3ExportError(f"{path}: not a validate result (no 'records' list of objects)")
     out = []
-    for r in doc.get("records", []):
+    for r in records:
         if r.get("artifact") not in names or r.get("status") != "ok":
             continue
         acc = r.get("accuracy") or {}

@@ -9,11 +9,11 @@ bundle path, the Core ML package's spec (prediction needs macOS).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from phi3_export.errors import Phi3ExportError
+from phi3_export.jsonfile import read_json
 from phi3_export.output import sha256
 from phi3_export.paths import inside
 
@@ -70,9 +70,9 @@ def _load_onnx(folder: Path, result: VerifyResult, rel: str) -> None:
         result.problems.append(f"missing: {rel}/genai_config.json (onnxruntime-genai cannot open the model without it)")
         return
     try:
-        json.loads(config.read_text())
-    except json.JSONDecodeError as exc:
-        result.problems.append(f"invalid JSON: {rel}/genai_config.json line {exc.lineno}: {exc.msg}")
+        read_json(config)
+    except Phi3ExportError as exc:
+        result.problems.append(f"{rel}/genai_config.json: {str(exc).removeprefix(str(config) + ': ')}")
         return
     try:
         import onnxruntime_genai as og
@@ -133,9 +133,9 @@ def verify_bundle(bundle: Path) -> VerifyResult:
         result.problems.append(f"missing: manifest.json ({bundle} is not a phi3-export bundle, or the manifest was left out)")
         return result
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        result.problems.append(f"manifest.json: invalid JSON: {str(exc).splitlines()[0]}")
+        manifest = read_json(manifest_path)
+    except Phi3ExportError as exc:
+        result.problems.append(f"manifest.json: {str(exc).removeprefix(str(manifest_path) + ': ')}")
         return result
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list) or not manifest["files"]:
         result.problems.append("manifest.json: not a phi3-export bundle manifest (no 'files' list)")

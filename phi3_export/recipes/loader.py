@@ -50,10 +50,12 @@ def parse_recipe(text: str, source: str) -> Recipe:
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
+    except (RecursionError, ValueError) as exc:  # nesting deep enough to exhaust the parser, a 4300-digit integer
+        raise Phi3ExportError(f"{source}: unreadable YAML ({type(exc).__name__})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = (getattr(exc, "problem", None) or str(exc)).splitlines()[0]
         raise Phi3ExportError(f"{where}: invalid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise Phi3ExportError(f"{source}:1: a recipe is a YAML mapping, got {type(data).__name__}")
@@ -94,5 +96,9 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
             )
     elif not text_path.is_file():
         raise Phi3ExportError(f"{text_path}: recipe file not found")
-    recipe = parse_recipe(text_path.read_text(encoding="utf-8"), str(text_path))
+    try:
+        text = text_path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Phi3ExportError(f"{text_path}: not UTF-8 text (byte {exc.start})") from None
+    recipe = parse_recipe(text, str(text_path))
     return recipe

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from phi3_export.errors import Phi3ExportError
+from phi3_export.jsonfile import read_json
 
 SUPPORTED_SCHEMA = 1
 
@@ -114,14 +114,9 @@ def row_from_record(record: dict, source: str) -> Row:
 def read_records(path: Path) -> list[dict]:
     """Records of a validate result file, or of a report.json (used as a baseline)."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise Phi3ExportError(f"{path}: no such file") from None
-    except json.JSONDecodeError as exc:
-        raise Phi3ExportError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise Phi3ExportError(f"{path}: cannot read ({exc})") from None
+    if not path.is_file():
+        raise Phi3ExportError(f"{path}: no such file")
+    doc = read_json(path, "a validate result or report.json")
     if not isinstance(doc, dict) or not isinstance(doc.get("records"), list):
         raise Phi3ExportError(f"{path}: not a validate result (expected an object with a 'records' list)")
     if doc.get("schema_version") != SUPPORTED_SCHEMA:
@@ -129,7 +124,38 @@ def read_records(path: Path) -> list[dict]:
     for i, record in enumerate(doc["records"]):
         if not isinstance(record, dict) or "artifact" not in record or "status" not in record:
             raise Phi3ExportError(f"{path}: record {i} has no 'artifact'/'status' (not a validate record)")
+        _check_record(path, i, record)
     return doc["records"]
+
+
+# The fields a report reads, with the JSON types validate writes (None where a figure is "not run").
+_RECORD_TYPES: dict[str, tuple[type, ...]] = {
+    "artifact": (str,), "status": (str,), "provider": (str, type(None)), "format": (str, type(None)),
+    "target": (str, type(None)), "recipe": (str, type(None)), "size_bytes": (int, type(None)), "weights": (int, type(None)),
+    "settings": (dict, type(None)), "accuracy": (dict, type(None)), "speed": (dict, type(None)), "memory": (dict, type(None)),
+    "checks": (list, type(None)), "reference": (dict, type(None)), "machine": (dict, type(None)),
+    "versions": (dict, type(None)), "generation": (list, dict, type(None)), "long_context": (list, dict, type(None)),
+    "kv_cache_bytes": (dict, int, type(None)), "tokenizer": (dict, type(None)),
+}
+
+
+def _check_record(path: Path, i: int, record: dict) -> None:
+    """A record from disk has the types the report reads, else one line naming the record and field."""
+    for key, types in _RECORD_TYPES.items():
+        if key in record and not isinstance(record[key], types) or isinstance(record.get(key), bool):
+            raise Phi3ExportError(f"{path}: record {i} ({str(record.get('artifact'))[:60]}): field {key!r} is a "
+                                  f"{type(record[key]).__name__}, not what validate writes")
+    for length, figures in (record.get("speed") or {}).items():
+        if length in ("status", "reason", "note"):  # a speed section that is itself "not run"
+            continue
+        if figures is not None and not isinstance(figures, dict):
+            raise Phi3ExportError(f"{path}: record {i}: speed[{length!r}] is not an object")
+        if isinstance(figures, dict) and "status" not in figures and not length.isdigit():
+            raise Phi3ExportError(f"{path}: record {i}: speed key {length!r} is not a prompt length")
+    for name in ("accuracy", "memory"):
+        for key, value in (record.get(name) or {}).items():
+            if isinstance(value, str) and key not in ("eval_text", "eval_sha256", "note", "status", "reason"):
+                raise Phi3ExportError(f"{path}: record {i}: {name}.{key} is a string, not a number")
 
 
 def latest_records(record_files: dict[Path, list[dict]]) -> list[tuple[Path, dict]]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phi3_export.errors import Phi3ExportError
+from phi3_export.jsonfile import read_json
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Conversation:
         artifact = Path(artifact)
         if not (artifact / "genai_config.json").is_file():
             raise Phi3ExportError(f"{artifact}: no genai_config.json (not an ONNX artifact folder)")
+        read_json(artifact / "genai_config.json")  # a broken file is one line, before the runtime sees it
         self.og = og
         self.model = og.Model(str(artifact))
         self.tokenizer = og.Tokenizer(self.model)

@@ -124,9 +124,14 @@ def _eval_text(options: ValidateOptions) -> tuple[str, str]:
 
         return corpus_text("eval"), "default corpus, eval part"
     try:
-        return Path(options.eval_text).read_text(encoding="utf-8"), str(options.eval_text)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise Phi3ExportError(f"{options.eval_text}: cannot read eval text ({exc})") from None
+        text = Path(options.eval_text).read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise Phi3ExportError(f"{options.eval_text}: cannot read eval text ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise Phi3ExportError(f"{options.eval_text}: eval text is not UTF-8 (byte {exc.start})") from None
+    if not text.strip():
+        raise Phi3ExportError(f"{options.eval_text}: eval text is empty")
+    return text, str(options.eval_text)
 
 
 def _providers_for(artifact: Artifact, options: ValidateOptions) -> tuple[str, ...]:
