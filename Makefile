@@ -32,9 +32,10 @@ bench: setup
 	$(BIN)/python benchmarks/bench_validate.py --out build/bench
 	$(BIN)/python benchmarks/bench_coreml.py --out build/bench
 
-# Not run by CI: full-size Phi-3-mini and Phi-3-medium shapes (random weights): export memory
-# and time, int4 speed against the memory-bandwidth ceiling, the builder beside ours. Needs
-# ~50 GB free disk under build/full (a shape without room is skipped) and about an hour.
+# Not run by CI: full-size Phi-3-mini and Phi-3-medium shapes, and Phi-3.5-MoE at full widths
+# with 2 and 4 layers (random weights): export memory and time, int4 speed against the
+# memory-bandwidth ceiling, the builder beside ours. Needs ~50 GB free disk under build/full
+# (a shape without room is skipped) and over an hour.
 bench-full: setup
 	$(BIN)/python benchmarks/bench_full.py --out build/bench --work build/full
 

@@ -1,4 +1,4 @@
-"""`make bench-full`: full-size Phi-3 shapes exported on this machine, memory and speed.
+"""`make bench-full`: full-size Phi-3 and Phi-3.5-MoE shapes exported on this machine, memory and speed.
 
 For each shape (random bf16 checkpoints with the recipe's real dimensions, written by
 `phi3-export fixture --full-size --random`; speed and memory do not depend on weight values):
@@ -8,7 +8,13 @@ For each shape (random bf16 checkpoints with the recipe's real dimensions, writt
   - the CPU artifact's prefill/decode tokens/s and time to first token through
     onnxruntime-genai (its own process, one warm-up then median/min/max), and decode tok/s as a
     fraction of the ceiling `memory bandwidth / bytes read per decoded token`, with the
-    bandwidth measured in the same run on all cores.
+    bandwidth measured in the same run on all cores (the best of the run's start, just before
+    and just after the speed run). A mixture of experts reads only its routed experts per
+    token (top-2 of 16 for Phi-3.5-MoE): only those count.
+A shape given decoder-layer counts in --layers (Phi-3.5-MoE: all 32 layers would be 84 GB
+of bf16) is run at full widths on the first count; step `flat` exports it --flat-runs times
+at every count and reports how the export's peak anonymous memory (lowest of the runs) grows
+with the layer count (the issue's targets: peak <= 3 GB, 4 layers / 2 layers <= 1.3).
 Then the ORT-GenAI builder beside ours on a shape it can finish (Phi-3-mini widths, fewer
 layers): export time and peak memory ratios, decode/prefill ratios (runs interleaved).
 
@@ -39,6 +45,12 @@ from phi3_export.recipes import load_recipe
 from phi3_export.versions import library_versions, tool_version
 
 GB = 1e9
+# The issue's targets for a layered (--layers) shape: peak anonymous RSS of the export, and its growth.
+PEAK_ANON_TARGET_MB = 3000
+FLATNESS_TARGET = 1.3
+# Ops that run each token through k of the experts stacked along dim 0 of their weight inputs
+# (every initializer input from this index on: QMoE's fc1/fc2/fc3 codes, scales, zero points, biases).
+ROUTED_EXPERT_OPS = {"QMoE": 2, "MoE": 2}
 
 
 def measured(cmd: list[str]) -> dict:
@@ -72,30 +84,45 @@ def memory_bandwidth_gbs(gib: float = 2.0, repeats: int = 11) -> float:
 
 
 def bytes_per_decoded_token(model_path: Path) -> dict:
-    """Bytes of weights one decode step reads: every initializer, except gathered tables (one row).
+    """Bytes of weights one decode step reads: every initializer, except gathered tables (one row)
+    and routed experts (k of them).
 
     A Gather/GatherBlockQuantized table read by nothing else contributes one row (the token's
-    embedding); a table also used as a MatMulNBits weight (tied LM head) is read whole. The KV
+    embedding); a table also used as a MatMulNBits weight (tied LM head) is read whole. An
+    expert-stacked weight [experts, ...] of a QMoE/MoE node that picks ``k`` experts per token
+    contributes k of its experts (the router, norms, attention and LM head are read whole). The KV
     cache is reported apart: it grows with the context and the ceiling is defined on weights.
     """
     graph = onnx.load(str(model_path), load_external_data=False).graph
     consumers: dict[str, set[str]] = {}
+    routed: dict[str, int] = {}  # expert-stacked initializer -> experts a token is routed to
     for node in graph.node:
-        for name in node.input:
+        for j, name in enumerate(node.input):
             consumers.setdefault(name, set()).add(node.op_type)
-    total = gathered = 0
+            if name and node.op_type in ROUTED_EXPERT_OPS and j >= ROUTED_EXPERT_OPS[node.op_type]:
+                routed[name] = next((a.i for a in node.attribute if a.name == "k"), 1)
+    total = gathered = experts_all = experts_read = 0
     for init in graph.initializer:
         size = next((int(e.value) for e in init.external_data if e.key == "length"), len(init.raw_data))
-        if consumers.get(init.name, set()) <= {"Gather", "GatherBlockQuantized"} and init.dims:
+        users = consumers.get(init.name, set())
+        if users <= {"Gather", "GatherBlockQuantized"} and init.dims:
             gathered += size
             size //= init.dims[0]
+        elif init.name in routed and users <= set(ROUTED_EXPERT_OPS):
+            experts_all += size
+            size = size * routed[init.name] // init.dims[0]
+            experts_read += size
         total += size
-    return {"bytes": total, "gathered_tables_bytes": gathered}
+    figures = {"bytes": total, "gathered_tables_bytes": gathered}
+    if routed:
+        figures |= {"routed_expert_bytes_all": experts_all, "routed_expert_bytes_read": experts_read,
+                    "experts_per_token": sorted(set(routed.values()))}
+    return figures
 
 
-def kv_bytes_per_token(recipe_name: str) -> int:
+def kv_bytes_per_token(recipe_name: str, layers: int | None = None) -> int:
     m = load_recipe(recipe_name).model
-    return m.num_layers * 2 * m.num_kv_heads * m.head_dim * 4  # fp32 cache on CPU
+    return (layers or m.num_layers) * 2 * m.num_kv_heads * m.head_dim * 4  # fp32 cache on CPU
 
 
 def speed(artifact: Path, work: Path, prompt_len: int, new_tokens: int, runs: int, vocab: int, threads: int = 0) -> dict:
@@ -114,19 +141,24 @@ def speed(artifact: Path, work: Path, prompt_len: int, new_tokens: int, runs: in
             "ttft_s": pick(timed["time_to_first_token_s"]), "process_peak_rss_anon_mb": figures["peak_rss_anon_mb"]}
 
 
-def disk_needed(recipe_name: str, fixture: Path, n_artifacts: int) -> int:
-    params = parameter_count(load_recipe(recipe_name))
+def disk_needed(recipe_name: str, fixture: Path, n_artifacts: int, layers: int | None = None) -> int:
+    params = parameter_count(load_recipe(recipe_name), layers)
     have_fixture = (fixture / "model.safetensors.index.json").is_file()
     # int4 g32 with fp32 scales is ~0.63 bytes/weight; the quantized checkpoint is staged too.
     return (0 if have_fixture else 2 * params) + int(0.7 * params * (n_artifacts + 1))
 
 
-def fixture(recipe_name: str, path: Path) -> dict:
+def fixture(recipe_name: str, path: Path, layers: int | None = None) -> dict:
     if (path / "model.safetensors.index.json").is_file():
         return {"reused": True}
+    count = ["--layers", str(layers)] if layers else []
     figures = measured([sys.executable, "-m", "phi3_export", "fixture", "--recipe", recipe_name, "--full-size", "--random",
-                        "--out", str(path), "--force"])
+                        *count, "--out", str(path), "--force", "--quiet"])
     return {**figures, "reused": False}
+
+
+def checkpoint_gb(ckpt: Path) -> float:
+    return round(sum(p.stat().st_size for p in ckpt.glob("*.safetensors")) / GB, 2)
 
 
 def quantize(ckpt: Path, out: Path, targets: list[str], *flags: str) -> dict:
@@ -140,15 +172,19 @@ def quantize(ckpt: Path, out: Path, targets: list[str], *flags: str) -> dict:
 def run_shape(name: str, args, bandwidth: float) -> dict:
     recipe = load_recipe(name)
     targets = list(recipe.export.targets) if name in args.all_targets else ["cpu"]
-    ckpt = args.work / name
-    needed = disk_needed(name, ckpt, len(targets) if "rtn" in args.steps else 2)
+    counts = args.layers.get(name, [None])  # None: the recipe's own layer count
+    layers = counts[0]
+    ckpt = args.work / (f"{name}-{layers}-layers" if layers else name)
+    needed = disk_needed(name, ckpt, len(targets) if "rtn" in args.steps else 2, layers)
     free = shutil.disk_usage(args.work).free
     if free < needed:
         msg = f"skipped: needs about {needed / GB:.0f} GB free disk, {free / GB:.0f} GB free at {args.work}"
         print(f"{name}: {msg}", flush=True)
         return {"status": msg}
-    result: dict = {"status": "ran", "parameters": parameter_count(recipe), "fixture": fixture(name, ckpt),
-                    "checkpoint_gb": round(sum(p.stat().st_size for p in ckpt.glob("*.safetensors")) / GB, 2)}
+    result: dict = {"status": "ran", "layers": layers or recipe.model.num_layers, "parameters": parameter_count(recipe, layers),
+                    "fixture": fixture(name, ckpt, layers), "checkpoint_gb": checkpoint_gb(ckpt)}
+    if layers:
+        result["parameters_all_layers"] = parameter_count(recipe)
     print(f"{name}: fixture {result['fixture']}", flush=True)
     if "rtn" in args.steps:
         out = args.work / f"{name}-int4"
@@ -159,12 +195,18 @@ def run_shape(name: str, args, bandwidth: float) -> dict:
             per_token = bytes_per_decoded_token(cpu / "model.onnx")
             runs, new_tokens = ((args.repeats, args.new_tokens) if name in args.all_targets
                                 else (args.repeats_large, args.new_tokens_large))
+            # On a shared machine a measurement undershoots while others load the memory bus: the
+            # ceiling takes the best of the run's first one and those just before and after this speed run.
+            near = [memory_bandwidth_gbs()]
             result["speed_cpu"] = speed(cpu, args.work, args.prompt_len, new_tokens, runs, recipe.model.vocab_size, args.threads)
-            ceiling = bandwidth * GB / per_token["bytes"]
+            near.append(memory_bandwidth_gbs())
+            best = max(bandwidth, *near)
+            ceiling = best * GB / per_token["bytes"]
             context = args.prompt_len + new_tokens
             result["bandwidth_ceiling"] = {
-                "weight_bytes_per_token": per_token["bytes"], "gathered_tables_bytes": per_token["gathered_tables_bytes"],
-                "kv_cache_bytes_read_at_end": kv_bytes_per_token(name) * context, "ceiling_tps": round(ceiling, 3),
+                "weight_bytes_per_token": per_token.pop("bytes"), **per_token, "memory_read_bandwidth_gbs": best,
+                "bandwidth_measurements_gbs": {"run_start": bandwidth, "before_speed": near[0], "after_speed": near[1]},
+                "kv_cache_bytes_read_at_end": kv_bytes_per_token(name, layers) * context, "ceiling_tps": round(ceiling, 3),
                 "decode_fraction_of_ceiling": round(result["speed_cpu"]["decode_tps"]["median"] / ceiling, 3)}
             print(f"{name}: speed {result['speed_cpu']} ceiling {result['bandwidth_ceiling']}", flush=True)
         shutil.rmtree(out)
@@ -177,9 +219,55 @@ def run_shape(name: str, args, bandwidth: float) -> dict:
         result["export_coreml"]["context_length"] = load_recipe(name).export.coreml.context_length
         print(f"{name}: Core ML export {result['export_coreml']}", flush=True)
         shutil.rmtree(out)
+    if "flat" in args.steps and "rtn" in args.steps and len(counts) > 1:
+        first = result["export_rtn"] if targets == ["cpu"] else None  # else a run of its own at the first count
+        result["flatness"] = flatness(name, counts, first, ckpt, args)
+        print(f"{name}: flatness {result['flatness']}", flush=True)
     if name not in args.keep_fixtures:
         shutil.rmtree(ckpt)
     return result
+
+
+def flatness(name: str, counts: list[int], first: dict | None, first_ckpt: Path, args) -> dict:
+    """The RTN cpu export at each layer count, ``--flat-runs`` times: peak anonymous RSS against the first count's.
+
+    The exporter streams a layer (an expert) at a time, so the peak should not grow with the
+    layer count. Its highest point is a transient late in the export (the tables), whose height
+    varies from run to run by hundreds of MB whatever the layer count, so each count keeps the
+    lowest peak of its runs (as the memory-flatness tests do). The first count's run from step
+    rtn is one of its runs; each further fixture is written, exported and (unless kept) deleted in turn.
+    """
+    keys = ("wall_s", "peak_rss_anon_mb", "peak_rss_mb")
+    rows = []
+    for layers in counts:
+        ckpt, out = (first_ckpt if layers == counts[0] else args.work / f"{name}-{layers}-layers"), args.work / f"{name}-flat-int4"
+        reuse = first is not None and layers == counts[0]
+        runs = [{k: first[k] for k in keys}] if reuse else []
+        row: dict = {"layers": layers, **({"artifact_mb": sum(first["artifacts_mb"].values())} if reuse else {})}
+        if layers != counts[0]:
+            needed = disk_needed(name, ckpt, 1, layers)
+            free = shutil.disk_usage(args.work).free
+            if free < needed:
+                rows.append({**row, "status": f"skipped: needs about {needed / GB:.0f} GB free disk, {free / GB:.0f} GB free"})
+                continue
+            row |= {"fixture": fixture(name, ckpt, layers), "checkpoint_gb": checkpoint_gb(ckpt)}
+        while len(runs) < args.flat_runs:
+            figures = quantize(ckpt, out, ["cpu"])
+            row["artifact_mb"] = sum(figures["artifacts_mb"].values())
+            runs.append({k: figures[k] for k in keys})
+            shutil.rmtree(out)
+            print(f"{name}: {layers} layers, export {len(runs)}: {runs[-1]}", flush=True)
+        if layers != counts[0] and name not in args.keep_fixtures:
+            shutil.rmtree(ckpt)
+        rows.append({**row, "runs": runs, "peak_rss_anon_mb": min(r["peak_rss_anon_mb"] for r in runs),
+                     "wall_s": min(r["wall_s"] for r in runs)})
+    peaks = [r["peak_rss_anon_mb"] for r in rows if "peak_rss_anon_mb" in r]
+    highest = max(r["peak_rss_anon_mb"] for row in rows for r in row.get("runs", []))
+    ratio = round(peaks[-1] / peaks[0], 3) if len(peaks) > 1 else None
+    return {"layer_counts": rows, "peak_anon_ratio_last_over_first": ratio, "ratio_target": FLATNESS_TARGET,
+            "highest_peak_rss_anon_mb_of_any_run": highest, "peak_anon_target_mb": PEAK_ANON_TARGET_MB,
+            "meets_ratio_target": ratio is not None and ratio <= FLATNESS_TARGET,
+            "meets_peak_target": highest <= PEAK_ANON_TARGET_MB}
 
 
 def awq(name: str, args) -> dict:
@@ -272,13 +360,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "build" / "bench")
     ap.add_argument("--work", type=Path, default=REPO / "build" / "full", help="fixtures and artifacts (tens of GB)")
-    ap.add_argument("--shapes", default="phi-3-mini-4k,phi-3-medium-4k")
+    ap.add_argument("--shapes", default="phi-3-mini-4k,phi-3-medium-4k,phi-3.5-moe")
+    ap.add_argument("--layers", action="append", metavar="SHAPE=N,N",
+                    help="run SHAPE at full widths with N decoder layers (the first count; step flat: each further count "
+                         "too) instead of the recipe's; repeatable [default: phi-3.5-moe=2,4]")
     ap.add_argument("--all-targets", default="phi-3-mini-4k", help="shapes exported for every recipe target (others: cpu)")
     ap.add_argument("--awq", default="phi-3-mini-4k", help="shapes also quantized with AWQ ('' for none)")
     ap.add_argument("--awq-samples", type=int, default=32)
     ap.add_argument("--coreml", default="phi-3-mini-4k", help="shapes also exported to Core ML ('' for none)")
-    ap.add_argument("--steps", default="rtn,speed,awq,coreml,sweep,builder",
-                    help="which measurements to run: per shape rtn, speed, awq, coreml; then sweep, builder")
+    ap.add_argument("--steps", default="rtn,speed,flat,awq,coreml,sweep,builder",
+                    help="which measurements to run: per shape rtn, speed, flat (--layers shapes), awq, coreml; "
+                         "then sweep, builder")
+    ap.add_argument("--flat-runs", type=int, default=2,
+                    help="exports per layer count in step flat; each count keeps its lowest peak (a transient late "
+                         "in the export varies from run to run)")
     ap.add_argument("--json", default="bench_full.json", help="result file name under --out")
     ap.add_argument("--awq-seqlen", type=int, default=256)
     ap.add_argument("--awq-layers", type=int, default=2, help="decoder layers of the AWQ run (full widths)")
@@ -298,6 +393,8 @@ def main() -> None:
     args.coreml = set(filter(None, args.coreml.split(",")))
     args.steps = set(filter(None, args.steps.split(",")))
     args.keep_fixtures = set(filter(None, args.keep_fixtures.split(",")))
+    args.layers = {shape: [int(n) for n in counts.split(",")]
+                   for shape, counts in (item.split("=", 1) for item in (args.layers or ["phi-3.5-moe=2,4"]))}
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
 
