@@ -37,8 +37,9 @@ TIMEOUT_S = 60  # a case fails in a second or two; a hang or a bomb is cut off h
 MEMORY_LIMIT = 6 << 30  # address space of one CLI run: a tiny input never needs this much
 
 STAGING_PATTERNS = (".partial-", ".old-", ".lock", "-work")
-# Not phi3-export's: onnxruntime-genai keeps a session id in $TMPDIR/.ses across runs.
-THIRD_PARTY_TMP = {"tmp/.ses"}
+# Not phi3-export's: onnxruntime-genai keeps a session id in $TMPDIR/.ses across runs; torch keeps its
+# compiler cache in $TMPDIR/torchinductor_<user>.
+THIRD_PARTY_TMP = ("tmp/.ses", "tmp/torchinductor_")
 
 
 # --- running the command ---------------------------------------------------------------------------------------
@@ -336,7 +337,7 @@ def check_case(case: Case, ws: Workspace) -> Run:
     problems = []
     if run.returncode != case.exit:
         problems.append(f"exit status {run.returncode}, expected {case.exit}")
-    changes = [c for c in diff(before, after) if c.split(": ", 1)[1] not in THIRD_PARTY_TMP]
+    changes = [c for c in diff(before, after) if not c.split(": ", 1)[1].startswith(THIRD_PARTY_TMP)]
     if changes:
         problems.append("the workspace changed (input modified, or something left at/beside --out): " + "; ".join(changes[:8]))
     text = run.stderr + run.stdout
