@@ -94,8 +94,6 @@ def test_interrupted_awq_resumes_from_last_finished_layer(fixture_dir, tmp_path,
 
 
 def test_awq_memory_flat_in_layer_count(peaks_by_depth, tmp_path):
-    from conftest import WIDE
-
     from phi3_export.recipes import recipes_dir
 
     # Memory does not depend on how many candidates the searches score: a 2-point alpha grid
@@ -103,8 +101,9 @@ def test_awq_memory_flat_in_layer_count(peaks_by_depth, tmp_path):
     recipe = tmp_path / "fast-awq.yaml"
     recipe.write_text((recipes_dir() / "phi-3-mini-4k.yaml").read_text().replace(
         "quantization:\n", "quantization:\n  awq: {alpha_grid: 2}\n", 1))
+    # AWQ's peak varies by ~60 MB from run to run (measured: 592/654 MB at 2 layers, 681/645 MB at 16): lowest of two.
     peaks = peaks_by_depth(tmp_path, "--method", "awq", "--recipe", str(recipe), "--target", "cpu",
-                           "--calib-samples", "2", "--calib-seqlen", "32")
-    shallow, deep = WIDE["layers"]
+                           "--calib-samples", "2", "--calib-seqlen", "32", repeats=2)
+    shallow, deep = sorted(peaks)  # the depths of conftest.WIDE
     assert peaks[deep] <= 1.3 * peaks[shallow], peaks
     assert np.isfinite(peaks[shallow])
