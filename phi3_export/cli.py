@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from phi3_export.errors import Phi3ExportError
+from phi3_export.memory import bound_heap
 from phi3_export.versions import tool_version
 
 
@@ -64,6 +65,7 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):
         signal.signal(signal.SIGTERM, _on_sigterm)
+        bound_heap()
         try:
             return super().invoke(ctx)
         except Phi3ExportError as exc:

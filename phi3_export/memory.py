@@ -82,6 +82,33 @@ def self_rss_anon_mb() -> float:
     return _status_kb(os.getpid(), "RssAnon") / 1024
 
 
+# glibc's mallopt parameter number for the mmap threshold (malloc.h: M_MMAP_THRESHOLD).
+_M_MMAP_THRESHOLD = -3
+# Blocks this large or larger get their own mapping, returned to the OS when freed.
+HEAP_MMAP_THRESHOLD = 4 << 20
+
+
+def bound_heap() -> None:
+    """Serve every allocation of 4 MiB or more from its own mapping, for the whole process.
+
+    glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB), after
+    which a layer's 4-32 MiB temporaries (weight copies, candidate scales) come from the heap
+    and stay there, fragmented, until malloc_trim. Measured with a 5 ms RssAnon trace of
+    `quantize --method awq` at width 1024, 16 layers: with the default, the per-second peak
+    spikes to 660-740 MB on random layers (so a deeper model shows a higher peak only because
+    it rolls the dice more often); with a fixed 4 MiB threshold it stays within 510-550 MB on
+    every layer, at the same speed (a 256 KiB threshold is flat too but 3x slower: every
+    temporary page is faulted in afresh). Called once by the CLI, which owns its process;
+    the library API leaves the caller's allocator alone.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator has its own policy
+
+
 def release_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc keeps them otherwise).
 

@@ -153,7 +153,7 @@ def test_two_exports_are_byte_identical(fixture_dir, tmp_path):
 
 
 def test_coreml_export_memory_flat_in_layer_count(peaks_by_depth, tmp_path):
-    peaks = peaks_by_depth(tmp_path, "--bits", "4", "--format", "coreml", repeats=2)
+    peaks = peaks_by_depth(tmp_path, "--bits", "4", "--format", "coreml")
     shallow, deep = sorted(peaks)  # the depths of conftest.WIDE
     assert peaks[deep] <= 1.3 * peaks[shallow], peaks
 

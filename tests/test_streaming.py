@@ -2,7 +2,7 @@
 
 
 def test_peak_anonymous_memory_flat_in_layer_count(peaks_by_depth, tmp_path):
-    peaks = peaks_by_depth(tmp_path, "--bits", "4", "--target", "cpu", repeats=2)
+    peaks = peaks_by_depth(tmp_path, "--bits", "4", "--target", "cpu")
     shallow, deep = sorted(peaks)  # the depths of conftest.WIDE
     # 8x the weights (see conftest.WIDE); memory must not follow.
     assert peaks[deep] <= 1.3 * peaks[shallow], peaks
