@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from phi3_export.checkpoint import Checkpoint
 from phi3_export.checkpoint.check import check_memory, check_recipe, check_tensors, checked_architecture, matching_recipes
 from phi3_export.errors import Phi3ExportError
+from phi3_export.export import coreai
 from phi3_export.export.coreml import MLPACKAGE, export_coreml
 from phi3_export.export.coreml.artifact import context_length as coreml_context_length
 from phi3_export.export.coreml.contract import MINIMUM_OS
@@ -34,14 +35,26 @@ from phi3_export.recipes.loader import clean_message
 from phi3_export.recipes.schema import AwqSettings
 from phi3_export.versions import library_versions, tool_version
 
-FORMATS = ("onnx", "coreml")
-COREML_BITS = (4, 8, 16)
+FORMATS = ("onnx", "coreml", "coreai")
+# Apple formats compute in float16: int4/int8 codes or float16 weights.
+APPLE_BITS = (4, 8, 16)
 
 
 @dataclass(frozen=True)
 class RecipeChoice:
     recipe: Recipe
     how: str  # "given", "fixture", "matched", "generic"
+
+
+def _coreai_options(recipe: Recipe, facts, max_length: int | None, plan) -> coreai.CoreAIOptions:
+    """Checked before quantizing: the extra is installed and the plan's blocks have Core AI forms."""
+    from phi3_export.export.coreai.lib import coreai_torch
+    from phi3_export.export.coreai.module import check_supported
+
+    chosen = coreai.options(recipe, facts, max_length)
+    coreai_torch()
+    check_supported(plan.decoder)
+    return chosen
 
 
 def choose_recipe(ckpt: Checkpoint, facts, recipe: str | None) -> RecipeChoice:
@@ -183,17 +196,20 @@ def quantize(
             raise Phi3ExportError(f"--format: unknown format {fmt!r} (available: {', '.join(FORMATS)}, all)")
         if fmt in plan.refused_formats:
             raise Phi3ExportError(f"--format {fmt}: not available for {facts.architecture}: {plan.refused_formats[fmt]}")
-    if "coreml" in formats and settings.bits not in COREML_BITS:
-        raise Phi3ExportError(f"--format coreml: --bits {settings.bits} is not available (the program computes in fp16; "
-                              f"choose --bits {', '.join(map(str, COREML_BITS))})")
+    for fmt in ("coreml", "coreai"):
+        if fmt in formats and settings.bits not in APPLE_BITS:
+            raise Phi3ExportError(f"--format {fmt}: --bits {settings.bits} is not available (the program computes in fp16; "
+                                  f"choose --bits {', '.join(map(str, APPLE_BITS))})")
     chosen_targets = (targets or tuple(choice.recipe.export.targets)) if "onnx" in formats else ()
     resolved = [resolve_target(t, choice.recipe, settings.bits, settings.accuracy_level, max_length) for t in chosen_targets]
     for target in resolved:
         check_target_ops(target, plan)
     coreml_context = coreml_context_length(choice.recipe, facts, max_length) if "coreml" in formats else None
+    coreai_options = _coreai_options(choice.recipe, facts, max_length, plan) if "coreai" in formats else None
     quantizer = QUANTIZERS[settings.method]
     awq = _awq_settings(choice.recipe, facts, calib_samples, calib_seqlen, seed, quantizer.needs_calibration)
-    longest = max([t.max_length for t in resolved] + ([coreml_context] if coreml_context else []), default=0)
+    longest = max([t.max_length for t in resolved] + ([coreml_context] if coreml_context else [])
+                  + ([coreai_options.context_length] if coreai_options else []), default=0)
     blame = {"rope": f"--max-length {max_length}"} if max_length is not None else {}
     if quantizer.needs_calibration and (calib_samples is not None or calib_seqlen is not None):
         blame["calibration"] = " ".join(f"{flag} {v}" for flag, v in (("--calib-samples", calib_samples),
@@ -204,7 +220,7 @@ def quantize(
     progress.message(f"recipe: {choice.recipe.name} ({choice.how})")
     _warn_slow_int8(settings, plan, resolved, progress)
     check_replaceable(out, force)
-    check_free_space(out.parent if out.parent.exists() else Path.cwd(), _estimate_bytes(ckpt, settings, len(resolved) + 2 * ("coreml" in formats)))
+    check_free_space(out.parent if out.parent.exists() else Path.cwd(), _estimate_bytes(ckpt, settings, len(resolved) + 2 * ("coreml" in formats) + ("coreai" in formats)))
     request = _request(awq, quantizer.needs_calibration, calib_text)
 
     job = Job(ckpt=ckpt, arch=arch, plan=plan, facts=facts, recipe=choice.recipe, settings=settings, progress=progress)
@@ -241,6 +257,17 @@ def quantize(
                 "name": artifact_name(choice.recipe, settings, "coreml", None), "format": "coreml", "target": None,
                 "path": folder.name, "package": MLPACKAGE, "max_length": coreml_context, "context_length": coreml_context,
                 "minimum_os": MINIMUM_OS, "size_bytes": sum(f["size"] for f in files), "files": files,
+            })
+        if coreai_options is not None:
+            folder = staging / "coreai"
+            coreai.export_coreai(job, qckpt, folder, coreai_options)
+            files = file_entries(folder, staging)
+            artifacts.append({
+                "name": artifact_name(choice.recipe, settings, "coreai", None), "format": "coreai", "target": None,
+                "path": folder.name, "asset": coreai.AIMODEL, "max_length": coreai_options.context_length,
+                "context_length": coreai_options.context_length, "prefill_chunk": coreai_options.prefill_chunk,
+                "precision": coreai_options.precision, "minimum_os": coreai.MINIMUM_OS,
+                "size_bytes": sum(f["size"] for f in files), "files": files,
             })
         qckpt.close()
         ckpt.close()

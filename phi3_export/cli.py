@@ -142,7 +142,7 @@ _PRECISION_OPTIONS = _options(
     click.option("--lm-head", type=click.Choice(["int4", "int8", "fp16", "fp32"]),
                  help="LM head precision (with tied embeddings: the shared table's). Default from the recipe."),
     click.option("--max-length", type=int,
-                 help="Generation max_length (Core ML: the KV state's context length): KV cache and RoPE tables are sized from it."),
+                 help="Generation max_length (Core ML, Core AI: the KV state's context length): KV cache and RoPE tables are sized from it."),
 )
 
 
@@ -152,7 +152,8 @@ _PRECISION_OPTIONS = _options(
 @click.option("--recipe", help="Shipped recipe name or a recipe YAML path. Default: the shipped recipe matching the checkpoint.")
 @click.option("--method", type=click.Choice(["rtn", "awq"]), help="Quantization method (default from the recipe).")
 @click.option("--format", "formats", default="onnx", show_default=True,
-              help="Comma-separated: onnx (one artifact per --target), coreml (stateful .mlpackage, iOS 18/macOS 15), or all.")
+              help="Comma-separated: onnx (one artifact per --target), coreml (stateful .mlpackage, iOS 18/macOS 15), "
+                   "coreai (.aimodel with prefill and decode functions, iOS/macOS 27; needs the [coreai] extra), or all.")
 @click.option("--target", "targets", help="Comma-separated targets: cpu, dml, mobile (default: the recipe's).")
 @click.option("--block-size", type=int, help="Weights per quantization block (16-256, power of two).")
 @click.option("--symmetric/--asymmetric", default=None, help="Symmetric (zero point 8) or asymmetric per-block zero points.")
@@ -332,10 +333,12 @@ def chat(artifact, prompt, max_new_tokens):
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
               help="ONNX Runtime intra-op threads (0: all logical cores, set explicitly; onnxruntime's own default ran one thread on a 2-core VM).")
 @click.option("--no-speed", is_flag=True, help="Accuracy and checks only.")
+@click.option("--coreai-windows", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Windows of the eval text a Core AI artifact runs through Apple's runtime (slow on Linux).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Reference-logit cache (default: ~/.cache/phi3-export/reference).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def validate(path, reference, eval_text, providers, json_path, window, stride, prompt_lengths, new_tokens, runs, threads,
-             no_speed, cache_dir, quiet):
+             no_speed, coreai_windows, cache_dir, quiet):
     """Measure artifacts against the unquantized checkpoint: accuracy, speed, memory.
 
     PATH is an OUT folder (every artifact in its manifest.json) or one artifact folder.
@@ -344,7 +347,9 @@ def validate(path, reference, eval_text, providers, json_path, window, stride, p
     tokenizer parity, where greedy chat generations part ways, long-context probes,
     prefill/decode tokens/s and time to first token (median of --runs) and the peak
     memory of the process that ran them. Providers this onnxruntime lacks are recorded
-    as "not run" with the reason, beside the checks that need no provider.
+    as "not run" with the reason, beside the checks that need no provider. A Core ML
+    package is evaluated op by op from the saved program; a Core AI asset runs on Apple's
+    own runtime (on Linux its CPU reference: accuracy, not speed).
 
     \b
     Exit status: 0 when every check holds, 1 when one fails (listed), 2 on bad input.
@@ -363,7 +368,7 @@ def validate(path, reference, eval_text, providers, json_path, window, stride, p
     options = ValidateOptions(
         providers=_csv(providers), eval_text=eval_text, window=window, stride=stride,
         prompt_lengths=_ints(prompt_lengths, "--prompt-lengths"), new_tokens=new_tokens, runs=runs,
-        threads=threads, speed=not no_speed,
+        threads=threads, speed=not no_speed, coreai_windows=coreai_windows,
     )
     if cache_dir:
         options.cache_dir = cache_dir

@@ -17,10 +17,12 @@ RTN and AWQ write it; the ONNX and Core ML exporters read the same codes from it
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -132,6 +134,15 @@ class QuantizedCheckpoint:
         """(packed codes, scales, zeros) exactly as stored."""
         group = self.tensors[name]["group"]
         return self._get(group, f"{name}.codes"), self._get(group, f"{name}.scales"), self._get(group, f"{name}.zeros")
+
+    def mapped_codes(self, name: str) -> np.ndarray:
+        """``NAME.codes`` as stored (packed), as a read-only memory map of its file: no copy in memory."""
+        path = self.folder / f"{self.tensors[name]['group']}.safetensors"
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            entry = json.loads(f.read(header_len))[f"{name}.codes"]
+        begin, _ = entry["data_offsets"]
+        return np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len + begin, shape=tuple(entry["shape"]))
 
     def quantized(self, name: str) -> QuantizedTensor:
         info = self.tensors[name]

@@ -114,12 +114,23 @@ class CoreMLOptions(Strict):
     functions: Literal["single", "prefill-decode"] = "single"
 
 
+class CoreAIOptions(Strict):
+    # Tokens the KV-cache state holds, allocated in full on the device (as for Core ML).
+    context_length: int = Field(default=2048, gt=0)
+    # Tokens the prefill function takes at once (a shorter prompt is padded at the end).
+    prefill_chunk: int = Field(default=64, gt=0)
+    # Compute dtype of the program and of its KV cache: float16 on devices; float32 is a
+    # parity check (twice the cache, no faster).
+    precision: Literal["float16", "float32"] = "float16"
+
+
 class Export(Strict):
     targets: list[Target] = Field(default_factory=lambda: ["cpu"], min_length=1)
     # Generation max_length written to genai_config: the KV cache is sized from it.
     max_length: int = Field(default=4096, gt=0)
     target_options: dict[Target, TargetOptions] = Field(default_factory=dict)
     coreml: CoreMLOptions = CoreMLOptions()
+    coreai: CoreAIOptions = CoreAIOptions()
 
 
 class ReportThresholds(Strict):
@@ -143,7 +154,8 @@ class Recipe(Strict):
         lengths = [("export.max_length", self.export.max_length)] + [
             (f"export.target_options.{t}.max_length", o.max_length)
             for t, o in self.export.target_options.items()
-        ] + [("export.coreml.context_length", self.export.coreml.context_length)]
+        ] + [("export.coreml.context_length", self.export.coreml.context_length),
+             ("export.coreai.context_length", self.export.coreai.context_length)]
         for where, length in lengths:
             if isinstance(ctx, int) and length is not None and length > ctx:
                 raise ValueError(f"{where} {length} exceeds model.context_length {ctx}")

@@ -19,7 +19,6 @@ import numpy as np
 from phi3_export.export.coreml.contract import CAUSAL_MASK, INPUT_IDS, KEY_CACHE, LOGITS, MLPACKAGE, VALUE_CACHE
 from phi3_export.validate import accuracy, tokenizer_parity
 from phi3_export.validate.coreml_program import CoreMLDecoder, MilProgram
-from phi3_export.validate.tokenizer_parity import PARITY_MESSAGES, reference_tokenizer
 
 READER = "mil-reader"  # the record's "provider" for the numpy evaluation of the saved program
 MACOS_REASON = "Core ML prediction needs macOS 15 or iOS 18 (this machine: {os})"
@@ -73,15 +72,6 @@ def _overridden(linear: str, overrides: dict, bits: int) -> bool:
     return any(linear.endswith(role) and precision == f"int{bits}" for role, precision in overrides.items())
 
 
-def tokenizer_check(folder: Path, ref_tokenizer, text: str) -> dict:
-    """The artifact's tokenizer files, read by transformers as swift-transformers reads them, vs the reference."""
-    ours = reference_tokenizer(folder)
-    prompt = (ours.apply_chat_template(PARITY_MESSAGES, tokenize=False, add_generation_prompt=True)
-              if ref_tokenizer.chat_template else None)
-    return tokenizer_parity.compare(list(ours(text, add_special_tokens=False).input_ids), prompt, ref_tokenizer, text,
-                                    encode=lambda s: list(ours(s, add_special_tokens=False).input_ids))
-
-
 def program_accuracy(program: MilProgram, ref, progress) -> dict:
     """Windows no longer than the program's context (the caller checks)."""
     decoder = CoreMLDecoder(program, "fp16")
@@ -116,7 +106,7 @@ def validate_coreml(artifact, ref, base: dict, common: dict, progress) -> list[d
     package = artifact.folder / MLPACKAGE
     program = MilProgram(package)
     checks, facts = structural_checks(program, artifact.entry, artifact.manifest.get("settings"), artifact.folder)
-    parity = tokenizer_check(artifact.folder, ref.tokenizer, ref.text)
+    parity = tokenizer_parity.check_with_transformers(artifact.folder, ref.tokenizer, ref.text)
     checks.append(_check("tokenizer_parity", parity["passed"], "ids and chat template identical" if parity["passed"] else parity["detail"]))
     ctx = artifact.entry.get("context_length") or 0
     kv = None

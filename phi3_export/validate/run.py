@@ -67,6 +67,8 @@ class ValidateOptions:
     speed: bool = True
     generation_tokens: int = 32
     chat_prompts: tuple[str, ...] = CHAT_PROMPTS
+    # Windows of the eval text a Core AI artifact runs through Apple's runtime (slow on Linux).
+    coreai_windows: int = 1
     cache_dir: Path = field(default_factory=default_cache_dir)
 
 
@@ -282,9 +284,14 @@ def validate_artifacts(path: Path, reference: Path, options: ValidateOptions, pr
 
             records.extend(validate_coreml(artifact, ref, base, common, progress))
             continue
+        if artifact.entry.get("format") == "coreai":
+            from phi3_export.validate.coreai import validate_coreai
+
+            records.extend(validate_coreai(artifact, ref, base, common, progress, options.coreai_windows))
+            continue
         if artifact.entry.get("format") != "onnx":
             records.append({**base, "provider": None, "status": "not run",
-                            "reason": f"format {artifact.entry.get('format')!r}: validate runs ONNX and Core ML artifacts", **common})
+                            "reason": f"format {artifact.entry.get('format')!r}: validate runs ONNX, Core ML and Core AI artifacts", **common})
             continue
         progress.message(f"validate: {artifact.name}")
         checks = structure.structural_checks(artifact.folder, artifact.genai_config, artifact.entry)

@@ -167,3 +167,12 @@ def compare(ours: list[int], ours_prompt: str | None, ref, text: str, *, encode:
                         and result.get("chat_ids_equal") is not False)
     result["detail"] = PASSED if result["passed"] else "; ".join(problems)
     return result
+
+
+def check_with_transformers(folder: Path, ref_tokenizer, text: str) -> dict:
+    """An Apple artifact's tokenizer files, read by transformers as swift-transformers reads them, vs the reference."""
+    ours = reference_tokenizer(folder)
+    prompt = (ours.apply_chat_template(PARITY_MESSAGES, tokenize=False, add_generation_prompt=True)
+              if ref_tokenizer.chat_template else None)
+    return compare(list(ours(text, add_special_tokens=False).input_ids), prompt, ref_tokenizer, text,
+                   encode=lambda s: list(ours(s, add_special_tokens=False).input_ids))

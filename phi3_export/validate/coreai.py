@@ -1,0 +1,134 @@
+"""`validate` on a Core AI artifact, with Apple's own runtime (coreai-core; on Linux a CPU reference).
+
+Checked: the asset's functions and their IO and states (shapes against the context length
+the manifest states), that every linear of the model plan reads int blockwise weights at
+the manifest's bits, tokenizer parity, and the accuracy of prefill + decode through the
+runtime against the reference on the first ``--coreai-windows`` windows of the eval text
+(the Linux runtime is slow: about a second per Phi-3-width layer and step). Speed is "not
+run": on Linux the runtime is a reference interpreter, not a device.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from phi3_export.arch import architecture
+from phi3_export.checkpoint.config import architecture_name
+from phi3_export.export.coreai.contract import (
+    AIMODEL,
+    CONFIG,
+    DECODE,
+    KEY_CACHE,
+    PREFILL,
+    VALUE_CACHE,
+)
+from phi3_export.validate import accuracy, tokenizer_parity
+
+PROVIDER = "coreai"
+SPEED_REASON = ("needs an Apple device with iOS/macOS 27 (the runtime here, {os}, is Apple's CPU reference "
+                "interpreter: it checks accuracy, not speed)")
+BLOCKWISE = "coreai.blockwise_shift_scale"
+
+
+def _check(name: str, passed: bool, detail: str) -> dict:
+    return {"name": name, "passed": bool(passed), "detail": detail}
+
+
+def _ops(graph):
+    for region in graph.operation.regions:
+        for block in region.blocks:
+            for op in block.operations:
+                yield op
+                yield from _ops(op) if op.regions else ()
+
+
+def _expected_linears(folder: Path) -> int:
+    """Quantizable linears of the model plan (the artifact's config.json), LM head included."""
+    config = json.loads((folder / "config.json").read_text())
+    plan = architecture(architecture_name(config, str(folder / "config.json"))).plan(config)
+    per_layers = sum(1 for layer in plan.decoder.layers for linear in layer.linears() if linear.quantize)
+    return per_layers + 1
+
+
+def structural_checks(folder: Path, entry: dict, settings: dict | None) -> tuple[list[dict], dict]:
+    from coreai.authoring.asset import AIModelAsset
+
+    config = json.loads((folder / CONFIG).read_text())
+    asset = AIModelAsset.load(folder / AIMODEL)
+    program = asset.program
+    checks, facts = [], {}
+    graphs = {name: program._get_graph(name) for name in (PREFILL, DECODE)}
+    checks.append(_check("coreai_functions", all(g is not None for g in graphs.values()),
+                         f"functions {sorted(n for n, g in graphs.items() if g is not None)} of {PREFILL}, {DECODE}"))
+    ctx = entry.get("context_length")
+    states = config.get("states", {})
+    shapes_ok = set(states) == {KEY_CACHE, VALUE_CACHE} and all(s["shape"][3] == ctx for s in states.values())
+    checks.append(_check("coreai_kv_states", shapes_ok, f"states {({k: v['shape'] for k, v in states.items()})}, context_length {ctx}"))
+    expected_bits = (settings or {}).get("bits")
+    blockwise: Counter = Counter()
+    histogram: Counter = Counter()
+    graph = graphs[DECODE]
+    if graph is not None:
+        for op in _ops(graph):
+            histogram[op.name] += 1
+            if op.name == BLOCKWISE:
+                blockwise[str(op.operands[0].type).rsplit("x", 1)[-1].rstrip(">")] += 1
+    wanted = _expected_linears(folder)
+    overrides = {v for v in ((settings or {}).get("overrides") or {}).values() if v in ("int4", "int8")}
+    allowed = {f"ui{expected_bits}"} | {f"ui{v[3:]}" for v in overrides}
+    found = sum(blockwise.values())
+    checks.append(_check("coreai_linear_weights_blockwise",
+                         expected_bits in (4, 8) and found >= wanted - 1 and set(blockwise) <= allowed,
+                         f"{found} blockwise int weights ({dict(blockwise)}) for {wanted} linears of the plan "
+                         "(a tied LM head shares the table's)"))
+    facts["op_histogram"] = dict(sorted(histogram.items()))
+    facts["blockwise_weights"] = dict(blockwise)
+    facts["asset_bytes"] = sum(p.stat().st_size for p in (folder / AIMODEL).rglob("*") if p.is_file())
+    facts["states"] = {k: v["shape"] for k, v in states.items()}
+    return checks, facts
+
+
+def runtime_accuracy(folder: Path, ref, windows: int, progress) -> dict:
+    from phi3_export.validate.coreai_runtime import CoreAIDecoder
+
+    decoder = CoreAIDecoder(folder)
+    result = accuracy.Comparison()
+    ids = np.asarray(ref.ids)
+    chosen = accuracy.windows(len(ref.ids), ref.window, ref.stride)[:windows]
+    try:
+        for (start, first), reference in zip(chosen, ref.window_logits(progress)):
+            sequence = ids[start : start + ref.window + 1]
+            decoder.reset()
+            logits = decoder([int(t) for t in sequence[:-1]])
+            result.add(reference[first : len(sequence) - 1], logits[first : len(sequence) - 1], sequence[first + 1 :])
+    finally:
+        decoder.close()
+    summary = result.summary()
+    return {**summary, "eval_text": ref.text_name, "eval_sha256": ref.text_sha, "eval_tokens": len(ref.ids),
+            "window": ref.window, "stride": ref.stride, "windows": len(chosen),
+            "how": f"Apple's Core AI runtime: {PREFILL} in chunks of {decoder.chunk}, then {DECODE}; "
+                   f"{decoder.config['precision']} program"}
+
+
+def validate_coreai(artifact, ref, base: dict, common: dict, progress, windows: int) -> list[dict]:
+    folder = artifact.folder
+    checks, facts = structural_checks(folder, artifact.entry, artifact.manifest.get("settings"))
+    parity = tokenizer_parity.check_with_transformers(folder, ref.tokenizer, ref.text)
+    checks.append(_check("tokenizer_parity", parity["passed"], "ids and chat template identical" if parity["passed"] else parity["detail"]))
+    config = json.loads((folder / CONFIG).read_text())
+    ctx = artifact.entry.get("context_length") or 0
+    layers, _, kv_heads, _, head_dim = config["states"][KEY_CACHE]["shape"]
+    element = 2 if config.get("precision") == "float16" else 4
+    per_token = 2 * layers * kv_heads * head_dim * element
+    record = {**base, "provider": PROVIDER, "checks": checks, "tokenizer": parity, "coreai": facts,
+              "kv_cache_bytes": {"per_token": per_token, "max_length": ctx, "at_max_length": per_token * ctx},
+              "speed": {"status": "not run", "reason": SPEED_REASON.format(os=f"{platform.system()} {platform.release()}")}}
+    if ref.window > ctx:
+        return [{**record, "status": "not run", "reason": f"--window {ref.window} exceeds the artifact's context length {ctx}", **common}]
+    progress.message(f"validate: {artifact.name} (Core AI runtime, {windows} window(s) of {ref.window} tokens)")
+    return [{**record, "status": "ok", "accuracy": runtime_accuracy(folder, ref, windows, progress), **common}]
