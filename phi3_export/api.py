@@ -48,11 +48,11 @@ class RecipeChoice:
 
 def _coreai_options(recipe: Recipe, facts, max_length: int | None, plan) -> coreai.CoreAIOptions:
     """Checked before quantizing: the extra is installed and the plan's blocks have Core AI forms."""
-    from phi3_export.export.coreai.lib import coreai_torch
+    from phi3_export.export.coreai.lib import check_installed
     from phi3_export.export.coreai.module import check_supported
 
     chosen = coreai.options(recipe, facts, max_length)
-    coreai_torch()
+    check_installed()
     check_supported(plan.decoder)
     return chosen
 

@@ -115,8 +115,9 @@ class PhiMoE(Architecture):
         )
         return ModelPlan(
             architecture=config["architectures"][0], decoder=decoder, genai_type="phimoe",
-            refused_formats={"coreml": "Phi-3.5-MoE has 42B parameters (~21 GB at 4 bits): no iPhone, iPad or Mac "
-                                       "that Core ML deploys to holds it"},
+            refused_formats={fmt: "Phi-3.5-MoE has 42B parameters (~21 GB at 4 bits): no iPhone, iPad or Mac "
+                                  f"that {runtime} deploys to holds it"
+                             for fmt, runtime in (("coreml", "Core ML"), ("coreai", "Core AI"))},
         )
 
     @classmethod

@@ -12,11 +12,8 @@ saving); the program bytecode and its hash are the same for the same quantized c
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,59 +66,34 @@ def options(recipe: Recipe, facts: ModelFacts, requested: int | None) -> CoreAIO
     return CoreAIOptions(length, settings.prefill_chunk, settings.precision)
 
 
+@dataclass(frozen=True)
+class ConversionJob:
+    """What the conversion process needs (JSON-serialisable: it crosses a process boundary)."""
+
+    checkpoint: str  # the source checkpoint folder: config.json gives the model plan
+    quantized: str  # the quantized checkpoint folder: the codes
+    asset: str  # where model.aimodel goes
+    context_length: int
+    prefill_chunk: int
+    precision: str
+    description: str
+
+
 def cache_shape(decoder: Decoder, context_length: int) -> list[int]:
     return [len(decoder.layers), 1, decoder.kv_heads, context_length, decoder.head_dim]
 
 
-def _convert(job: Job, qckpt: QuantizedCheckpoint, opts: CoreAIOptions):
-    from phi3_export.export.coreai.lib import coreai_torch
-    from phi3_export.export.coreai.module import DecoderModule
-    from phi3_export.export.coreai.weights import WeightSource
-
-    ct = coreai_torch()
-    decoder, dtype = job.plan.decoder, DTYPES[opts.precision]
-    source = WeightSource(qckpt, dtype)
-    module = DecoderModule(decoder, source, opts.context_length).eval()
-    converter = ct.TorchConverter(mode=ct.TorchConverter.Mode.RELEASE)
-    # Example inputs for tracing: torch.empty never touches its pages, so the caches cost no memory.
-    cache = cache_shape(decoder, opts.context_length)
-    with job.progress.task("coreai", 2) as task:
-        for name, q_len in ((PREFILL, opts.prefill_chunk), (DECODE, 1)):
-            args = (torch.zeros(1, q_len, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
-                    torch.empty(cache, dtype=dtype), torch.empty(cache, dtype=dtype))
-            with torch.no_grad(), warnings.catch_warnings():
-                # torch's own pytree pickling, deprecated in 2.13 (nothing of ours).
-                warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")
-                program = torch.export.export(module, args=args).run_decompositions(ct.get_decomp_table())
-            converter.add_exported_program(program, input_names=[INPUT_IDS, POSITION], output_names=[LOGITS],
-                                           state_names=[KEY_CACHE, VALUE_CACHE], entrypoint_name=name)
-            source.attach_codes(program)
-            task.advance()
-    job.progress.message("coreai: converting and writing the asset")
-    # coreai-torch prints a banner and draws rich bars on a terminal; our progress says what happens.
-    with contextlib.redirect_stdout(io.StringIO()):
-        return converter.to_coreai()
-
-
-def _save(program, path: Path, recipe: Recipe) -> None:
-    from coreai.runtime import AIModelAssetMetadata
-
-    metadata = AIModelAssetMetadata()
-    metadata.author = "phi3-export"
-    metadata.model_description = f"{recipe.description or recipe.name}: {PREFILL}/{DECODE} decoder sharing its KV-cache state"
-    program.save_asset(path, metadata=metadata)
-    meta_path = path / "metadata.json"
-    meta = json.loads(meta_path.read_text())
-    meta.pop("creationDate", None)
-    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-
-
 def export_coreai(job: Job, qckpt: QuantizedCheckpoint, out: Path, opts: CoreAIOptions) -> Path:
+    from phi3_export.export.coreai.convert import run_conversion
+
     decoder = job.plan.decoder
     out.mkdir(parents=True)
-    program = _convert(job, qckpt, opts)
-    _save(program, out / AIMODEL, job.recipe)
-    del program
+    job.progress.message("coreai: converting with coreai-torch and writing the asset (a separate process)")
+    run_conversion(ConversionJob(
+        checkpoint=str(job.ckpt.folder), quantized=str(qckpt.folder), asset=str(out / AIMODEL),
+        context_length=opts.context_length, prefill_chunk=opts.prefill_chunk, precision=opts.precision,
+        description=f"{job.recipe.description or job.recipe.name}: {PREFILL}/{DECODE} decoder sharing its KV-cache state",
+    ))
     copy_tokenizer_files(job.ckpt, out)
     shutil.copyfile(job.ckpt.folder / "config.json", out / "config.json")
     if (job.ckpt.folder / "generation_config.json").is_file():

@@ -16,8 +16,8 @@ PINNED = {"coreai-torch": "0.4.3", "coreai-core": "1.0.0b3"}
 INSTALL = "pip install 'phi3-export[coreai]'"
 
 
-def coreai_torch():
-    """The ``coreai_torch`` module, or a one-line error saying how to install it."""
+def check_installed() -> None:
+    """The pinned packages are installed, or a one-line error saying how to install them."""
     from importlib import metadata
 
     for dist, version in PINNED.items():
@@ -27,6 +27,11 @@ def coreai_torch():
             raise Phi3ExportError(f"--format coreai needs Apple's Core AI packages ({dist} is not installed): {INSTALL}") from None
         if found != version:
             raise Phi3ExportError(f"--format coreai needs {dist}=={version} (found {found}): {INSTALL}")
+
+
+def coreai_torch():
+    """The ``coreai_torch`` module (after ``check_installed``)."""
+    check_installed()
     with warnings.catch_warnings():
         # It warns that "2.13.0+cpu" is newer than the 2.13.0 it was validated with (a local version tag).
         warnings.filterwarnings("ignore", message="coreai-torch has only been validated")
