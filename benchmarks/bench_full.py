@@ -48,6 +48,8 @@ GB = 1e9
 # The issue's targets for a layered (--layers) shape: peak anonymous RSS of the export, and its growth.
 PEAK_ANON_TARGET_MB = 3000
 FLATNESS_TARGET = 1.3
+# Core AI (issue 18): coreai-core holds every constant of the asset in memory until it is written.
+COREAI_PEAK_ANON_TARGET_MB = 4000
 # Ops that run each token through k of the experts stacked along dim 0 of their weight inputs
 # (every initializer input from this index on: QMoE's fc1/fc2/fc3 codes, scales, zero points, biases).
 ROUTED_EXPERT_OPS = {"QMoE": 2, "MoE": 2}
@@ -219,6 +221,13 @@ def run_shape(name: str, args, bandwidth: float) -> dict:
         result["export_coreml"]["context_length"] = load_recipe(name).export.coreml.context_length
         print(f"{name}: Core ML export {result['export_coreml']}", flush=True)
         shutil.rmtree(out)
+    if "coreai" in args.steps and name in args.coreai:
+        out = args.work / f"{name}-coreai"
+        result["export_coreai"] = quantize(ckpt, out, [], "--format", "coreai")
+        result["export_coreai"]["context_length"] = load_recipe(name).export.coreai.context_length
+        result["export_coreai"]["peak_anon_target_mb"] = COREAI_PEAK_ANON_TARGET_MB
+        print(f"{name}: Core AI export {result['export_coreai']}", flush=True)
+        shutil.rmtree(out)
     if "flat" in args.steps and "rtn" in args.steps and len(counts) > 1:
         first = result["export_rtn"] if targets == ["cpu"] else None  # else a run of its own at the first count
         result["flatness"] = flatness(name, counts, first, ckpt, args)
@@ -368,8 +377,9 @@ def main() -> None:
     ap.add_argument("--awq", default="phi-3-mini-4k", help="shapes also quantized with AWQ ('' for none)")
     ap.add_argument("--awq-samples", type=int, default=32)
     ap.add_argument("--coreml", default="phi-3-mini-4k", help="shapes also exported to Core ML ('' for none)")
-    ap.add_argument("--steps", default="rtn,speed,flat,awq,coreml,sweep,builder",
-                    help="which measurements to run: per shape rtn, speed, flat (--layers shapes), awq, coreml; "
+    ap.add_argument("--coreai", default="phi-3-mini-4k", help="shapes also exported to Core AI ('' for none)")
+    ap.add_argument("--steps", default="rtn,speed,flat,awq,coreml,coreai,sweep,builder",
+                    help="which measurements to run: per shape rtn, speed, flat (--layers shapes), awq, coreml, coreai; "
                          "then sweep, builder")
     ap.add_argument("--flat-runs", type=int, default=2,
                     help="exports per layer count in step flat; each count keeps its lowest peak (a transient late "
@@ -391,6 +401,7 @@ def main() -> None:
     args.all_targets = set(filter(None, args.all_targets.split(",")))
     args.awq = set(filter(None, args.awq.split(",")))
     args.coreml = set(filter(None, args.coreml.split(",")))
+    args.coreai = set(filter(None, args.coreai.split(",")))
     args.steps = set(filter(None, args.steps.split(",")))
     args.keep_fixtures = set(filter(None, args.keep_fixtures.split(",")))
     args.layers = {shape: [int(n) for n in counts.split(",")]

@@ -57,12 +57,14 @@ def fixture_dir(shared_cache):
 
 @pytest.fixture(scope="session")
 def exported(shared_cache, fixture_dir):
-    """``exported(recipe, fixture_kwargs=None, **quantize_kwargs)`` -> a quantize OUT folder."""
+    """``exported(fixture_recipe, fixture_kwargs=None, **quantize_kwargs)`` -> a quantize OUT folder
+    (``recipe=`` among the quantize arguments picks another recipe than the fixture's)."""
     from phi3_export.api import quantize
 
-    def build(recipe: str, fixture_kwargs: dict | None = None, **kwargs) -> Path:
-        fixture = fixture_dir(recipe, **(fixture_kwargs or {}))
-        folder = shared_cache(_key("exported", recipe, fixture_kwargs or {}, kwargs), lambda out: quantize(fixture, out / "out", **kwargs))
+    def build(fixture_recipe: str, fixture_kwargs: dict | None = None, **kwargs) -> Path:
+        fixture = fixture_dir(fixture_recipe, **(fixture_kwargs or {}))
+        folder = shared_cache(_key("exported", fixture_recipe, fixture_kwargs or {}, kwargs),
+                              lambda out: quantize(fixture, out / "out", **kwargs))
         return folder / "out"
 
     return build

@@ -138,7 +138,8 @@ class DecoderModule(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, position: torch.Tensor, key_cache: torch.Tensor,
                 value_cache: torch.Tensor) -> torch.Tensor:
         step = self.step(input_ids.shape[1], position, key_cache, value_cache)
-        x = F.embedding(input_ids.long(), self.weight(self.decoder.embedding))
+        table = self.weight(self.decoder.embedding)
+        x = F.embedding(input_ids.long(), table)
         for layer in self.decoder.layers:
             h = _lookup(NORMS, layer.attn_norm.kind)(self, x, layer.attn_norm)
             x = x + _lookup(BLOCKS, layer.attention.kind)(self, layer.attention, h, layer.index, step)
@@ -146,8 +147,9 @@ class DecoderModule(torch.nn.Module):
             x = x + _lookup(BLOCKS, layer.mlp.kind)(self, layer.mlp, h, layer.index, step)
         final = self.decoder.final_norm
         x = _lookup(NORMS, final.kind)(self, x, final)
-        head = self.decoder.embedding if self.decoder.tied else self.decoder.lm_head.weight
-        return F.linear(x, self.weight(head)).float()
+        # A tied LM head reads the table's one dequantization (one constant, one op).
+        head = table if self.decoder.tied else self.weight(self.decoder.lm_head.weight)
+        return F.linear(x, head).float()
 
 
 NORMS: dict[str, Callable] = {"rms": DecoderModule.rms_norm}
