@@ -513,13 +513,14 @@ def sweep(checkpoint, recipe, out, methods, block_sizes, symmetric, both_symmetr
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--target", required=True, type=click.Choice(["ios", "android"]),
-              help="android: the mobile ONNX artifact; ios: the Core ML package (plus --with-onnx).")
+              help="android: the mobile ONNX artifact; ios: the Core ML package (plus --with-onnx, --with-coreai).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
 @click.option("--with-onnx", is_flag=True, help="ios: also the mobile ONNX artifact, for onnxruntime-genai's Objective-C API.")
+@click.option("--with-coreai", is_flag=True, help="ios: also the Core AI asset (iOS/macOS 27), beside Core ML for older systems.")
 @click.option("--validate", "validate_json", type=click.Path(path_type=Path), help="A `validate --json` result: its figures go in the manifest.")
 @click.option("--zip", "make_zip", is_flag=True, help="Also write BUNDLE.zip (deterministic).")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
-def package(path, target, out, with_onnx, validate_json, make_zip, force):
+def package(path, target, out, with_onnx, with_coreai, validate_json, make_zip, force):
     """Make a drop-in app bundle from a quantize OUT folder (or one artifact folder in it).
 
     \b
@@ -532,10 +533,12 @@ def package(path, target, out, with_onnx, validate_json, make_zip, force):
     Examples:
       phi3-export package out/ --target android --out bundle/ --validate result.json
       phi3-export package out/ --target ios --with-onnx --zip --out ios-bundle/
+      phi3-export package out/ --target ios --with-coreai --out ios-bundle/
     """
     from phi3_export.package import package as run
 
-    manifest, warnings = run(path, target, out, with_onnx=with_onnx, validate_json=validate_json, make_zip=make_zip, force=force)
+    manifest, warnings = run(path, target, out, with_onnx=with_onnx, with_coreai=with_coreai, validate_json=validate_json,
+                             make_zip=make_zip, force=force)
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"{out}: {target} bundle, {len(manifest['files'])} files, {manifest['size_bytes'] / 1e6:.1f} MB"

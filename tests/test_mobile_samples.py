@@ -52,3 +52,13 @@ def test_samples_use_the_bundle_layout_and_model_io():
     for name in (MLPACKAGE, INPUT_IDS, CAUSAL_MASK, LOGITS, "coreml_config.json"):
         assert f'"{name}"' in swift, name
     assert f"phi3-bundle/{COREML_DIR}" in (MOBILE / "ios/Sources/Phi3Chat/ChatView.swift").read_text()
+
+
+def test_core_ai_sample_uses_the_asset_contract():
+    from phi3_export.export.coreai import contract
+
+    swift = (MOBILE / "ios/Sources/Phi3Chat/Phi3CoreAIModel.swift").read_text()
+    for name in (contract.AIMODEL, contract.CONFIG, contract.INPUT_IDS, contract.POSITION, contract.KEY_CACHE,
+                 contract.VALUE_CACHE, contract.LOGITS, contract.PREFILL, contract.DECODE):
+        assert f'"{name}"' in swift, name
+    assert f"iOS {contract.MINIMUM_OS['iOS']}" in swift and f"macOS {contract.MINIMUM_OS['macOS']}" in swift

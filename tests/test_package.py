@@ -136,3 +136,30 @@ def test_size_budget_warns_with_numbers():
     assert any("--block-size 128" in w for w in warnings)
     checks, warnings = size_budget(2_700_000_000, TARGETS["ios"].limits, [])
     assert not checks[0]["over"] and not warnings
+
+
+def test_ios_bundle_with_core_ai_verifies_and_loads_in_the_runtime(exported, tmp_path):
+    out = exported("phi-3-mini-4k", bits=4, formats=("coreml", "coreai"), max_length=256)
+    manifest, _ = package(out, "ios", tmp_path / "ios", with_coreai=True)
+    assert {m["folder"] for m in manifest["models"]} == {"coreml", "coreai"}
+    assert manifest["runtimes"]["coreai"]["minimum_os"] == {"iOS": "27.0", "macOS": "27.0"}
+    coreai = next(m for m in manifest["models"] if m["folder"] == "coreai")
+    assert coreai["context_length"] == 256 and coreai["kv_cache_bytes_at_max_length"] > 0
+    result = verify_bundle(tmp_path / "ios")
+    assert result.ok, result.problems
+    assert any("model.aimodel loads in the Core AI runtime" in c for c in result.checks), result.checks
+    # Damage the program bytes: verify fails (by size and hash, and the runtime refuses it).
+    blob = tmp_path / "ios" / "coreai" / "model.aimodel" / "main.mlirb"
+    blob.write_bytes(blob.read_bytes()[:1000])
+    assert not verify_bundle(tmp_path / "ios").ok
+
+
+def test_with_coreai_without_the_artifact_names_the_fix(exported, tmp_path):
+    from phi3_export.errors import Phi3ExportError
+
+    out = exported("phi-3-mini-4k", bits=4, formats=("coreml",))
+    with pytest.raises(Phi3ExportError, match="no coreai artifact.*--format coreai"):
+        package(out, "ios", tmp_path / "ios", with_coreai=True)
+    with pytest.raises(Phi3ExportError, match="--with-coreai: a android bundle has no coreai"):
+        package(out, "android", tmp_path / "android", with_coreai=True)
+    assert not (tmp_path / "ios").exists() and not (tmp_path / "android").exists()

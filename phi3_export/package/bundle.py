@@ -6,6 +6,7 @@
       onnx/              android (and ios with --with-onnx): the mobile ONNX artifact folder,
                          genai_config.json included, loaded by path with onnxruntime-genai
       coreml/            ios: model.mlpackage + config.json + tokenizer files (swift-transformers)
+      coreai/            ios with --with-coreai: model.aimodel (iOS/macOS 27) + coreai_config.json + tokenizer files
 
 The source artifacts are checked against their own manifest first, so a truncated
 `.onnx.data` or a Git LFS pointer in OUT never gets packaged. The bundle is staged and
@@ -38,15 +39,19 @@ def _pick(artifacts: list[Artifact], fmt: str, target: str | None) -> Artifact |
     return next((a for a in artifacts if a.entry.get("format") == fmt and a.entry.get("target") == target), None)
 
 
-def _choose(src: Path, bundle: BundleTarget, with_onnx: bool) -> list[tuple[str, Artifact]]:
+def _choose(src: Path, bundle: BundleTarget, extras: tuple[str, ...]) -> list[tuple[str, Artifact]]:
     artifacts = find_artifacts(src)
     chosen = []
-    wanted = list(bundle.required) + (list(bundle.optional) if with_onnx else [])
+    for extra in extras:
+        if extra not in bundle.optional:
+            raise Phi3ExportError(f"--with-{extra}: a {bundle.name} bundle has no {extra} artifact "
+                                  f"(options: {', '.join('--with-' + k for k in bundle.optional) or 'none'})")
+    wanted = list(bundle.required) + [bundle.optional[extra] for extra in extras]
     for folder, fmt, target in wanted:
         artifact = _pick(artifacts, fmt, target)
         if artifact is None:
             have = ", ".join(a.entry.get("path", a.name) for a in artifacts) or "none"
-            how = "--format coreml" if fmt == "coreml" else f"--target {target}"
+            how = f"--target {target}" if fmt == "onnx" else f"--format {fmt}"
             raise Phi3ExportError(f"{src}: no {fmt}{'-' + target if target else ''} artifact for a {bundle.name} bundle "
                                   f"(has: {have}); run quantize with {how}")
         chosen.append((folder, artifact))
@@ -70,8 +75,8 @@ def _model_facts(folder: str, artifact: Artifact) -> dict:
     facts = {"artifact": artifact.name, "folder": folder, "format": entry.get("format"), "target": entry.get("target"),
              "recipe": (manifest.get("recipe") or {}).get("name"), "settings": manifest.get("settings"),
              "size_bytes": size, "bits_per_weight": round(8 * size / weights, 3) if weights else None, "weights": weights}
-    if entry.get("format") == "coreml":
-        config = read_json(artifact.folder / "coreml_config.json")
+    if entry.get("format") in ("coreml", "coreai"):
+        config = read_json(artifact.folder / f"{entry['format']}_config.json")
         facts.update(context_length=config["context_length"], max_length=config["context_length"],
                      kv_cache_bytes_at_max_length=config["kv_cache_bytes"])
     else:
@@ -143,14 +148,14 @@ def _zip(folder: Path, path: Path) -> None:
     tmp.replace(path)
 
 
-def package(src: Path, target: str, out: Path, *, with_onnx: bool = False, validate_json: Path | None = None,
-            make_zip: bool = False, force: bool = False) -> tuple[dict, list[str]]:
+def package(src: Path, target: str, out: Path, *, with_onnx: bool = False, with_coreai: bool = False,
+            validate_json: Path | None = None, make_zip: bool = False, force: bool = False) -> tuple[dict, list[str]]:
     """Build the bundle; returns its manifest and the size-budget warnings."""
     try:
         bundle = TARGETS[target]
     except KeyError:
         raise Phi3ExportError(f"--target: unknown bundle target {target!r}; choose from {', '.join(TARGETS)}") from None
-    chosen = _choose(Path(src), bundle, with_onnx)
+    chosen = _choose(Path(src), bundle, ("onnx",) * with_onnx + ("coreai",) * with_coreai)
     out = Path(out)
     for _, artifact in chosen:
         _check_source(artifact)
@@ -172,7 +177,7 @@ def package(src: Path, target: str, out: Path, *, with_onnx: bool = False, valid
             "format": BUNDLE_FORMAT, "schema_version": BUNDLE_VERSION, "target": target,
             "tool": {"name": "phi3-export", "version": tool_version()},
             "source_manifest_sha256": hashlib.sha256((chosen[0][1].folder.parent / "manifest.json").read_bytes()).hexdigest(),
-            "runtimes": {folder: _runtime(fmt) for folder, fmt, _ in bundle.required + bundle.optional
+            "runtimes": {folder: _runtime(fmt) for folder, fmt, _ in (*bundle.required, *bundle.optional.values())
                          if any(f == folder for f, _ in chosen)},
             "models": models, "size_bytes": total, "size_budget": checks,
             "validation": _validation(validate_json, {a.name for _, a in chosen}) if validate_json else None,

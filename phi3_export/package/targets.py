@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ONNX_DIR, COREML_DIR = "onnx", "coreml"
+ONNX_DIR, COREML_DIR, COREAI_DIR = "onnx", "coreml", "coreai"
 GB, MiB = 1_000_000_000, 1 << 20
 
 
@@ -18,9 +18,10 @@ class SizeLimit:
 @dataclass(frozen=True)
 class BundleTarget:
     name: str
-    # (folder in the bundle, artifact format, artifact target) in order; optional ones need a flag
+    # (folder in the bundle, artifact format, artifact target) in order
     required: tuple[tuple[str, str, str | None], ...]
-    optional: tuple[tuple[str, str, str | None], ...]
+    # the same, each added by its flag (--with-onnx, --with-coreai): {flag's format: entry}
+    optional: dict[str, tuple[str, str, str | None]]
     limits: tuple[SizeLimit, ...]
 
 
@@ -37,9 +38,10 @@ PLAY_ALL_PACKS = SizeLimit("Play asset packs per app bundle, total", 2048 * MiB,
                            "download the model at first launch instead of through Play Asset Delivery")
 
 TARGETS: dict[str, BundleTarget] = {
-    "android": BundleTarget("android", required=((ONNX_DIR, "onnx", "mobile"),), optional=(),
+    "android": BundleTarget("android", required=((ONNX_DIR, "onnx", "mobile"),), optional={},
                             limits=(PLAY_PACK, PLAY_INSTALL_TIME, PLAY_ALL_PACKS)),
-    "ios": BundleTarget("ios", required=((COREML_DIR, "coreml", None),), optional=((ONNX_DIR, "onnx", "mobile"),),
+    "ios": BundleTarget("ios", required=((COREML_DIR, "coreml", None),),
+                        optional={"onnx": (ONNX_DIR, "onnx", "mobile"), "coreai": (COREAI_DIR, "coreai", None)},
                         limits=(APP_STORE,)),
 }
 
@@ -47,5 +49,9 @@ RUNTIMES = {
     "coreml": {"runtime": "Core ML", "minimum_os": {"iOS": "18.0", "macOS": "15.0"},
                "why": "stateful KV cache (MLState) and int4 blockwise weights need iOS 18 / macOS 15",
                "load_with": "swift-transformers LanguageModel, or MLModel + makeState()"},
+    "coreai": {"runtime": "Core AI", "minimum_os": {"iOS": "27.0", "macOS": "27.0"},
+               "why": "Core AI assets (.aimodel) load on iOS/macOS 27 and later; Core ML covers iOS 18 / macOS 15",
+               "load_with": "AIModel.load(url), then the prefill and decode functions with one shared keyCache/valueCache "
+                            "(coreai/coreai_config.json)"},
     "onnx": {"runtime": "onnxruntime-genai", "load_with": "ai.onnxruntime.genai.Model(folder path) / OGAModel(path:)"},
 }

@@ -111,6 +111,34 @@ def _load_coreml(folder: Path, result: VerifyResult, rel: str) -> None:
                              "keyCache/valueCache states, logits; prediction not run: needs macOS 15 / iOS 18")
 
 
+def _load_coreai(folder: Path, result: VerifyResult, rel: str) -> None:
+    """Load the asset with Apple's runtime (on Linux its CPU reference) and check both functions' IO."""
+    from phi3_export.errors import Phi3ExportError
+    from phi3_export.export.coreai.contract import DECODE, PREFILL
+
+    try:
+        from phi3_export.export.coreai.lib import check_installed
+
+        check_installed()
+    except Phi3ExportError as exc:
+        result.checks.append(f"{rel}: model.aimodel not loaded: {str(exc).removeprefix('--format coreai needs ')}")
+        return
+    from phi3_export.validate.coreai_runtime import describe_in_subprocess
+
+    try:
+        functions = describe_in_subprocess(folder)
+    except Exception as exc:  # noqa: BLE001 - a damaged asset: report what the runtime said
+        result.problems.append(f"{rel}/model.aimodel: the Core AI runtime could not load it: {str(exc).splitlines()[0]}")
+        return
+    for name in (PREFILL, DECODE):
+        io = functions.get(name)
+        if io != {"inputs": ["inputIds", "position"], "outputs": ["logits"], "states": ["keyCache", "valueCache"]}:
+            result.problems.append(f"{rel}/model.aimodel: function {name} has IO {io}, not what coreai_config.json states")
+            return
+    result.checks.append(f"{rel}: model.aimodel loads in the Core AI runtime with {PREFILL} and {DECODE} "
+                         "(inputIds, position -> logits; keyCache/valueCache states)")
+
+
 def _load_tokenizer(folder: Path, result: VerifyResult, rel: str) -> None:
     path = folder / "tokenizer.json"
     if not path.is_file():
@@ -160,4 +188,6 @@ def verify_bundle(bundle: Path) -> VerifyResult:
             _load_onnx(folder, result, model["folder"])
         elif model["format"] == "coreml":
             _load_coreml(folder, result, model["folder"])
+        elif model["format"] == "coreai":
+            _load_coreai(folder, result, model["folder"])
     return result

@@ -116,8 +116,17 @@ def runtime_accuracy(folder: Path, ref, windows: int, progress) -> dict:
 
 
 def validate_coreai(artifact, ref, base: dict, common: dict, progress, windows: int) -> list[dict]:
+    from phi3_export.validate.coreai_runtime import describe_in_subprocess
+
     folder = artifact.folder
+    try:  # first in a child process: a damaged asset can crash the runtime's native loader
+        describe_in_subprocess(folder)
+    except Exception as exc:  # noqa: BLE001 - the finding itself
+        check = _check("coreai_loads", False, f"the Core AI runtime could not load model.aimodel: {str(exc).splitlines()[0]}")
+        return [{**base, "provider": PROVIDER, "checks": [check], "status": "not run",
+                 "reason": "the asset does not load", **common}]
     checks, facts = structural_checks(folder, artifact.entry, artifact.manifest.get("settings"))
+    checks.insert(0, _check("coreai_loads", True, f"model.aimodel loads in the Core AI runtime with {PREFILL} and {DECODE}"))
     parity = tokenizer_parity.check_with_transformers(folder, ref.tokenizer, ref.text)
     checks.append(_check("tokenizer_parity", parity["passed"], "ids and chat template identical" if parity["passed"] else parity["detail"]))
     config = json.loads((folder / CONFIG).read_text())

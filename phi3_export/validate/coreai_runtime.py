@@ -99,3 +99,29 @@ class CoreAIDecoder:
     def close(self) -> None:
         self._loop.run_until_complete(self._stack.aclose())
         self._loop.close()
+
+
+def describe_in_subprocess(folder: Path) -> dict:
+    """Load the asset in a child process and return its functions' IO: coreai-core's native loader
+    can crash the process on a damaged asset, and ``verify`` must report that, not die of it."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "phi3_export.validate.coreai_runtime", str(folder)],
+                          check=False, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        why = lines[-1] if lines else f"the process ended with status {proc.returncode}"
+        raise RuntimeError(why if proc.returncode > 0 else f"the runtime crashed (signal {-proc.returncode})")
+    return json.loads(proc.stdout)
+
+
+if __name__ == "__main__":
+    import sys
+
+    decoder = CoreAIDecoder(Path(sys.argv[1]))
+    try:
+        print(json.dumps({name: {"inputs": list(f.desc.input_names), "outputs": list(f.desc.output_names),
+                                 "states": sorted(f.desc.state_names)} for name, f in decoder.functions.items()}))
+    finally:
+        decoder.close()
