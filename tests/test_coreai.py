@@ -160,6 +160,9 @@ def test_manifest_config_and_asset_describe_the_same_contract(exported):
 
 
 def test_validate_runs_the_runtime_and_says_speed_was_not_run(fixture_dir, exported, tmp_path):
+    from click.testing import CliRunner
+
+    from phi3_export.cli import main
     from phi3_export.progress import Progress
     from phi3_export.validate.run import ValidateOptions, failed_checks, validate_artifacts
 
@@ -176,6 +179,11 @@ def test_validate_runs_the_runtime_and_says_speed_was_not_run(fixture_dir, expor
     # Same codes as the ONNX artifact: close accuracies (float16 vs float32 activations apart).
     assert abs(coreai["accuracy"]["kld_mean"] - onnx_cpu["accuracy"]["kld_mean"]) < 0.3 * onnx_cpu["accuracy"]["kld_mean"]
     assert coreai["speed"]["status"] == "not run" and "Apple device" in coreai["speed"]["reason"]
+    # The report reads these records (accuracy carries a "how" text beside its figures).
+    (tmp_path / "validate.json").write_text(json.dumps(result))
+    run = CliRunner().invoke(main, ["report", str(tmp_path / "validate.json"), "--out", str(tmp_path / "report")])
+    assert run.exit_code == 0, run.output
+    assert "coreai" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_without_the_extra_the_error_says_how_to_install(fixture_dir, tmp_path, monkeypatch):

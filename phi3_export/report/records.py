@@ -154,7 +154,7 @@ def _check_record(path: Path, i: int, record: dict) -> None:
             raise Phi3ExportError(f"{path}: record {i}: speed key {length!r} is not a prompt length")
     for name in ("accuracy", "memory"):
         for key, value in (record.get(name) or {}).items():
-            if isinstance(value, str) and key not in ("eval_text", "eval_sha256", "note", "status", "reason"):
+            if isinstance(value, str) and key not in ("eval_text", "eval_sha256", "note", "status", "reason", "how"):
                 raise Phi3ExportError(f"{path}: record {i}: {name}.{key} is a string, not a number")
 
 
