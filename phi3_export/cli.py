@@ -335,10 +335,12 @@ def chat(artifact, prompt, max_new_tokens):
 @click.option("--no-speed", is_flag=True, help="Accuracy and checks only.")
 @click.option("--coreai-windows", default=1, show_default=True, type=click.IntRange(min=1),
               help="Windows of the eval text a Core AI artifact runs through Apple's runtime (slow on Linux).")
+@click.option("--coreai-tokens", default=32, show_default=True, type=click.IntRange(min=2),
+              help="Tokens of each such window (a prefix of --window; the Linux runtime is single-threaded).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Reference-logit cache (default: ~/.cache/phi3-export/reference).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def validate(path, reference, eval_text, providers, json_path, window, stride, prompt_lengths, new_tokens, runs, threads,
-             no_speed, coreai_windows, cache_dir, quiet):
+             no_speed, coreai_windows, coreai_tokens, cache_dir, quiet):
     """Measure artifacts against the unquantized checkpoint: accuracy, speed, memory.
 
     PATH is an OUT folder (every artifact in its manifest.json) or one artifact folder.
@@ -369,6 +371,7 @@ def validate(path, reference, eval_text, providers, json_path, window, stride, p
         providers=_csv(providers), eval_text=eval_text, window=window, stride=stride,
         prompt_lengths=_ints(prompt_lengths, "--prompt-lengths"), new_tokens=new_tokens, runs=runs,
         threads=threads, speed=not no_speed, coreai_windows=coreai_windows,
+        coreai_tokens=coreai_tokens,
     )
     if cache_dir:
         options.cache_dir = cache_dir

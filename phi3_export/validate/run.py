@@ -67,8 +67,10 @@ class ValidateOptions:
     speed: bool = True
     generation_tokens: int = 32
     chat_prompts: tuple[str, ...] = CHAT_PROMPTS
-    # Windows of the eval text a Core AI artifact runs through Apple's runtime (slow on Linux).
+    # Windows of the eval text a Core AI artifact runs through Apple's runtime, and tokens of
+    # each (the runtime on Linux is a slow single-threaded reference interpreter).
     coreai_windows: int = 1
+    coreai_tokens: int = 32
     cache_dir: Path = field(default_factory=default_cache_dir)
 
 
@@ -287,7 +289,8 @@ def validate_artifacts(path: Path, reference: Path, options: ValidateOptions, pr
         if artifact.entry.get("format") == "coreai":
             from phi3_export.validate.coreai import validate_coreai
 
-            records.extend(validate_coreai(artifact, ref, base, common, progress, options.coreai_windows))
+            records.extend(validate_coreai(artifact, ref, base, common, progress, options.coreai_windows,
+                                           options.coreai_tokens))
             continue
         if artifact.entry.get("format") != "onnx":
             records.append({**base, "provider": None, "status": "not run",
