@@ -6,8 +6,9 @@ converter stores each weight constant once for both, and the app passes the same
 ``keyCache``/``valueCache`` arrays to either (contract.py). ``coreai_config.json`` states the
 IO contract, the state shapes and the context length in one place.
 
-Deterministic: the asset's metadata gets no creation date (coreai-core stamps the time of
-saving); the program bytecode and its hash are the same for the same quantized checkpoint.
+The conversion itself runs in a process of its own (convert.py: how that makes the asset
+byte-identical from run to run); this module checks the options up front and writes the
+folder around the asset.
 """
 
 from __future__ import annotations
