@@ -272,7 +272,7 @@ def _row(artifact, provider="cpu", bits=4, x=None, kld=1e-3, fmt="onnx", size=No
 
 
 def _figure(rows):
-    from phi3_export.report.render import plot_figure, plot_subtitle
+    from phi3_export.report.plot import plot_figure, plot_subtitle
 
     head = {"reference_perplexity": [{"positions": 4232, "eval_text": "default corpus, eval part"}]}
     fig, ax, facts = plot_figure(rows, plot_subtitle(head, rows))
@@ -286,7 +286,7 @@ def _close(fig):
 
 
 def test_plot_axis_covers_the_points_with_padding_and_reads_a_one_percent_difference_as_small():
-    from phi3_export.report.render import plot_series
+    from phi3_export.report.plot import plot_series
 
     # the example: two int4 artifacts 1% apart in KLD and an fp32 export at ~1e-13
     rows = [_row("m-rtn-w4g32s-onnx-cpu", x=9.5, kld=1.648e-3), _row("m-rtn-w4g128a-onnx-cpu", x=14.2, kld=1.664e-3),

@@ -11,8 +11,9 @@ from phi3_export.output import staged_output
 from phi3_export.recipes.schema import ReportThresholds
 from phi3_export.report.context import artifact_results, header, overall
 from phi3_export.report.gate import compare
+from phi3_export.report.plot import plot_points, plot_subtitle, render_plot
 from phi3_export.report.records import latest_records, read_records, row_from_record
-from phi3_export.report.render import html_page, markdown, plot_points, plot_subtitle, render_plot
+from phi3_export.report.render import html_page, markdown
 
 REPORT_SCHEMA = 1
 REPORT_FILES = {"report.json", "report.md", "report.html", "report.png"}
