@@ -2,6 +2,7 @@
 which holds the ONNX artifact's int4 bytes once for both functions and is deterministic."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +111,7 @@ def _onnx_weights(artifact: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 @pytest.mark.parametrize("method", ["rtn", "awq"])
-def test_int4_bytes_are_the_onnx_artifacts_and_stored_once(method, exported):
+def test_int4_bytes_are_the_onnx_artifacts_and_stored_once(method, exported, tmp_path):
     kwargs = {"calib_samples": 4, "calib_seqlen": 32} if method == "awq" else {}
     out = exported("phi-3-medium-4k", bits=4, method=method, formats=("onnx", "coreai"), targets=("cpu",), symmetric=False,
                    max_length=256, **kwargs)
@@ -121,6 +122,24 @@ def test_int4_bytes_are_the_onnx_artifacts_and_stored_once(method, exported):
         # MatMulNBits' B, byte for byte, once: prefill and decode share one constant.
         assert blob.count(codes.tobytes()) == 1, name
         assert blob.count(scales.astype(np.float16).tobytes()) == 1, name  # its scales, float32 -> float16
+    # validate's own check of the same, and that it can fail: another run's ONNX codes are not in this asset.
+    from phi3_export.manifest import find_artifacts
+    from phi3_export.validate.coreai import onnx_codes_check
+
+    coreai = next(a for a in find_artifacts(out) if a.entry["format"] == "coreai")
+    assert onnx_codes_check(coreai)["passed"]
+    other = exported("phi-3-medium-4k", bits=4, method="rtn" if method == "awq" else "awq", formats=("onnx",), targets=("cpu",),
+                     symmetric=False, **({} if method == "awq" else {"calib_samples": 4, "calib_seqlen": 32}))
+    mixed_out = tmp_path / "mixed"
+    mixed_out.mkdir()
+    shutil.copytree(out / "coreai", mixed_out / "coreai")
+    shutil.copytree(other / "onnx-cpu", mixed_out / "onnx-cpu")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["format"] == "coreai"] + [
+        a for a in json.loads((other / "manifest.json").read_text())["artifacts"] if a["format"] == "onnx"]
+    (mixed_out / "manifest.json").write_text(json.dumps(manifest))
+    mixed = next(a for a in find_artifacts(mixed_out) if a.entry["format"] == "coreai")
+    assert not onnx_codes_check(mixed)["passed"]
 
 
 def test_two_exports_are_byte_identical(fixture_dir, tmp_path):
@@ -173,8 +192,8 @@ def test_validate_runs_the_runtime_and_says_speed_was_not_run(fixture_dir, expor
     records = {(r["format"], r["provider"]): r for r in result["records"]}
     coreai, onnx_cpu = records[("coreai", "coreai")], records[("onnx", "cpu")]
     assert not failed_checks(result)
-    assert {c["name"] for c in coreai["checks"]} >= {"coreai_functions", "coreai_kv_states", "coreai_linear_weights_blockwise",
-                                                     "tokenizer_parity"}
+    assert {c["name"] for c in coreai["checks"]} >= {"coreai_loads", "coreai_functions", "coreai_kv_states",
+                                                     "coreai_linear_weights_blockwise", "coreai_codes_match_onnx", "tokenizer_parity"}
     assert coreai["status"] == "ok" and coreai["accuracy"]["windows"] == 2 and 0 < coreai["accuracy"]["kld_mean"] < 0.05
     # Same codes as the ONNX artifact: close accuracies (float16 vs float32 activations apart).
     assert abs(coreai["accuracy"]["kld_mean"] - onnx_cpu["accuracy"]["kld_mean"]) < 0.3 * onnx_cpu["accuracy"]["kld_mean"]

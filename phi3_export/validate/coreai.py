@@ -1,6 +1,7 @@
 """`validate` on a Core AI artifact, with Apple's own runtime (coreai-core; on Linux a CPU reference).
 
-Checked: the asset's functions and their IO and states (shapes against the context length
+Checked: the asset's functions and their IO and states, its int4 code bytes against an ONNX
+artifact of the same quantize run when there is one, (shapes against the context length
 the manifest states), that every linear of the model plan reads int blockwise weights at
 the manifest's bits, tokenizer parity, and the accuracy of prefill + decode through the
 runtime against the reference on the first ``--coreai-tokens`` tokens of the first
@@ -97,6 +98,52 @@ def structural_checks(folder: Path, entry: dict, settings: dict | None) -> tuple
     return checks, facts
 
 
+def _initializer_bytes(model_dir: Path, tensor) -> bytes:
+    """An initializer's raw bytes, inline or in the external data file (read at its offset only)."""
+    from onnx import TensorProto
+
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return tensor.raw_data
+    info = {e.key: e.value for e in tensor.external_data}
+    with (model_dir / Path(info["location"]).name).open("rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        return f.read(int(info["length"]))
+
+
+def onnx_codes_check(artifact) -> dict | None:
+    """Every MatMulNBits code tensor of an ONNX artifact from the same quantize run appears, byte for
+    byte, in the asset (None when the OUT folder has no ONNX artifact). Each is located by 64 bytes
+    from its middle, then compared whole: one scan per tensor, no parse of the asset."""
+    import mmap
+
+    import onnx
+
+    from phi3_export.manifest import find_artifacts
+
+    siblings = [a for a in find_artifacts(artifact.folder.parent) if a.entry.get("format") == "onnx"]
+    if not siblings:
+        return None
+    source = siblings[0]
+    model = onnx.load(str(source.folder / "model.onnx"), load_external_data=False)
+    initializers = {t.name: t for t in model.graph.initializer}
+    names = [n.input[1] for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1] in initializers]
+    missing = []
+    with (artifact.folder / AIMODEL / "main.mlirb").open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
+        for name in names:
+            data = _initializer_bytes(source.folder, initializers[name])
+            middle = len(data) // 2
+            probe = data[middle : middle + 64]
+            at, found = blob.find(probe), False
+            while at >= 0 and not found:
+                found = at >= middle and blob[at - middle : at - middle + len(data)] == data
+                at = blob.find(probe, at + 1)
+            if not found:
+                missing.append(name)
+    return _check("coreai_codes_match_onnx", bool(names) and not missing,
+                  f"{len(names) - len(missing)}/{len(names)} MatMulNBits code tensors of {source.name} found byte for byte"
+                  + (f"; not: {missing[:3]}" if missing else ""))
+
+
 def runtime_accuracy(folder: Path, ref, windows: int, tokens: int, progress) -> dict:
     """The first ``tokens`` of each of the first ``windows`` windows: the reference's window logits
     are causal, so a prefix of them is the reference for a prefix of the window."""
@@ -132,6 +179,9 @@ def validate_coreai(artifact, ref, base: dict, common: dict, progress, windows: 
         return [{**base, "provider": PROVIDER, "checks": [check], "status": "not run",
                  "reason": "the asset does not load", **common}]
     checks, facts = structural_checks(folder, artifact.entry, artifact.manifest.get("settings"))
+    codes = onnx_codes_check(artifact)
+    if codes is not None:
+        checks.append(codes)
     checks.insert(0, _check("coreai_loads", True, f"model.aimodel loads in the Core AI runtime with {PREFILL} and {DECODE}"))
     parity = tokenizer_parity.check_with_transformers(folder, ref.tokenizer, ref.text)
     checks.append(_check("tokenizer_parity", parity["passed"], "ids and chat template identical" if parity["passed"] else parity["detail"]))
