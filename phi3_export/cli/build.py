@@ -41,7 +41,8 @@ def quantize(checkpoint, out, recipe, method, formats, targets, block_size, symm
       phi3-export quantize --checkpoint ./Phi-3-mini-4k-instruct --bits 4 --out out/
       phi3-export quantize --checkpoint ./ckpt --recipe phi-3.5-mini --target cpu,mobile --max-length 4096 --out out/
       phi3-export quantize --checkpoint ./ckpt --method awq --block-size 128 --asymmetric --out out-awq/
-      phi3-export quantize --checkpoint ./ckpt --format all --out out/      # ONNX + Core ML from one quantization
+      phi3-export quantize --checkpoint ./ckpt --format all --out out/      # ONNX + Core ML + Core AI from one quantization
+      phi3-export quantize --checkpoint ./ckpt --format coreai --out out/   # iOS/macOS 27 (pip install 'phi3-export[coreai]')
       phi3-export quantize --checkpoint ./ckpt --bits 32 --target cpu --out ref/   # fp32 reference export
     """
     from phi3_export.api import quantize as run
