@@ -60,8 +60,8 @@ class CoreAIDecoder:
         self.context = self.config["context_length"]
         dtype = np.float16 if self.config["precision"] == "float16" else np.float32
         self._ndarray = NDArray
-        self.state = {name: NDArray(np.zeros(spec["shape"], dtype)) for name, spec in self.config["states"].items()}
-        self.length = 0
+        self._dtype = dtype
+        self.reset()
         self._loop = asyncio.new_event_loop()
         self._stack = contextlib.AsyncExitStack()
         model = self._loop.run_until_complete(self._stack.enter_async_context(AIModelAsset.load(self.folder / AIMODEL).executable()))
@@ -69,9 +69,9 @@ class CoreAIDecoder:
             self.functions = {name: model.load_function(name) for name in (PREFILL, DECODE)}
 
     def reset(self) -> None:
-        """An empty cache: the next call starts a new sequence."""
-        for array in self.state.values():
-            array.numpy()[...] = 0
+        """An empty cache: the next call starts a new sequence. (New arrays: NDArray.numpy() may be a copy,
+        so zeroing it in place would leave the runtime's cache untouched.)"""
+        self.state = {name: self._ndarray(np.zeros(spec["shape"], self._dtype)) for name, spec in self.config["states"].items()}
         self.length = 0
 
     def _run(self, name: str, ids: list[int]) -> np.ndarray:
