@@ -90,8 +90,8 @@ def test_recipe_mismatch_names_field_and_values(fixture_dir):
 
 
 def test_unsupported_architectures_say_so():
-    with pytest.raises(NotSupportedYet, match="not supported yet: Phi3SmallForCausalLM"):
-        architecture("Phi3SmallForCausalLM")
+    with pytest.raises(NotSupportedYet, match="not supported yet: Phi3VForCausalLM"):
+        architecture("Phi3VForCausalLM")
     with pytest.raises(Phi3ExportError, match="unknown architecture 'LlamaForCausalLM'"):
         architecture("LlamaForCausalLM")
 

@@ -138,7 +138,7 @@ def test_fixture_command(tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "fx" / "config.json").read_text())
     assert config["num_hidden_layers"] == 1 and config["phi3_export_fixture"]["recipe"] == "phi-3-medium-4k"
-    assert _run("fixture", "--recipe", "phi-3-small-8k", "--out", tmp_path / "small").exit_code == 2
+    assert _run("fixture", "--recipe", "phi-3-vision-128k", "--out", tmp_path / "vision").exit_code == 2
 
 
 def test_int8_weights_at_fp32_compute_warn_about_cpu_speed(fixture_dir, tmp_path):
@@ -179,8 +179,8 @@ def test_quantize_and_sweep_share_one_option_vocabulary():
 def test_recipe_typo_gets_a_suggestion_and_mismatches_list_every_field(fixture_dir):
     result = _run("recipes", "show", "phi-3-mini-4")
     assert result.exit_code == 2 and "did you mean 'phi-3-mini-4k'?" in result.output
-    shown = _run("recipes", "show", "phi-3-small-8k").output
-    assert shown.startswith("# Phi3SmallForCausalLM: not supported yet: ")
+    shown = _run("recipes", "show", "phi-3-vision-128k").output
+    assert shown.startswith("# Phi3VForCausalLM: not supported yet: ")
     from phi3_export.arch import architecture
     from phi3_export.checkpoint import Checkpoint
     from phi3_export.checkpoint.check import check_recipe

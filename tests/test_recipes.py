@@ -20,7 +20,7 @@ def test_all_eleven_recipes_load_and_are_listed():
     assert set(rows) == EXPECTED
     # Support status up front, so nobody downloads 7-84 GB of weights to find out.
     assert rows["phi-3-mini-4k"].endswith("supported") and rows["phi-3.5-moe"].endswith("supported")
-    assert "not supported yet: " in rows["phi-3-small-8k"] and "not supported yet: " in rows["phi-3.5-vision"]
+    assert rows["phi-3-small-8k"].endswith("supported") and "not supported yet: " in rows["phi-3.5-vision"]
     for name in EXPECTED:
         recipe = load_recipe(name)
         assert recipe.name == name
@@ -34,7 +34,8 @@ def test_published_facts():
     phi4 = load_recipe("phi-4-mini").model
     assert phi4.rope.partial_rotary_factor == 0.75 and phi4.tie_word_embeddings is True and phi4.tokenizer == "byte-bpe"
     assert load_recipe("phi-3-medium-128k").model.sliding_window == "from-checkpoint"
-    assert load_recipe("phi-3-small-8k").model.tie_word_embeddings == "from-checkpoint"
+    small = load_recipe("phi-3-small-8k").model
+    assert small.tie_word_embeddings is True and small.blocksparse.vert_stride == 8
 
 
 def test_long_context_recipes_cap_max_length():

@@ -6,8 +6,8 @@ never a model name. A decoder layer is four blocks, each with a ``kind`` that st
 up in their own tables (``BLOCK_EMITTERS`` in the ONNX exporter, ``BLOCKS`` in the Core ML
 program, ``TORCH_BLOCKS`` here for the reference):
 
-    attn_norm: Norm (rms | layer)  ->  attention: Attention (dense)
-    mlp_norm:  Norm (rms | layer)  ->  mlp: Mlp (swiglu) | Moe (sparsemixer | softmax routing)
+    attn_norm: Norm (rms | layer)  ->  attention: Attention (dense | blocksparse)
+    mlp_norm:  Norm (rms | layer)  ->  mlp: Mlp (swiglu | geglu) | Moe (sparsemixer | softmax routing)
 
 Tensors are named by their checkpoint name. A ``Linear`` may be fused (``parts``: named row
 selectors, contiguous or strided, e.g. q|k|v of Phi-3's qkv_proj); its ``role`` is the key a
@@ -21,21 +21,39 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
+from phi3_export.arch.blocksparse import BlockSparse
+
 
 @dataclass(frozen=True)
 class Rows:
-    """Rows ``start:stop:step`` of a weight (step 2 selects interleaved rows)."""
+    """Rows of a weight: ``start:stop:step``, or with ``width`` > 1 runs of ``width`` rows
+    every ``step`` rows (Phi-3-small's head-group-major qkv: each KV group's q heads, k, v).
+
+    ``step`` 2 selects interleaved rows (GEGLU's gate and linear halves).
+    """
 
     start: int
     stop: int
     step: int = 1
+    width: int = 1
 
     def slice(self) -> slice:
+        if self.width != 1:
+            raise ValueError("rows in runs have no single slice; use index()")
         return slice(self.start, self.stop, self.step)
+
+    def indices(self) -> list[int]:
+        return [r for s in range(self.start, self.stop, self.step) for r in range(s, min(s + self.width, self.stop))]
+
+    def index(self) -> slice | list[int]:
+        """What selects these rows of a tensor: a slice, or a row list (assign through it, not in place)."""
+        return self.slice() if self.width == 1 else self.indices()
 
     @property
     def count(self) -> int:
-        return len(range(self.start, self.stop, self.step))
+        if self.width == 1:
+            return len(range(self.start, self.stop, self.step))
+        return len(self.indices())
 
 
 @dataclass(frozen=True)
@@ -61,13 +79,24 @@ class Linear:
     def part_sizes(self) -> list[int]:
         return [rows.count for _, rows in self.parts]
 
-    def clipped_rows(self) -> list[slice]:
+    def row_order(self) -> list[int] | None:
+        """Rows in parts order (q|k|v, gate|linear) when that is not the stored order, else None.
+
+        Exporters emit a fused linear with its rows in this order, so its output splits into
+        parts by size; a row permutation of block-wise codes keeps every code and scale.
+        """
+        if not self.parts:
+            return None
+        order = [r for _, rows in self.parts for r in rows.indices()]
+        return None if order == list(range(len(order))) else order
+
+    def clipped_rows(self) -> list[slice | list[int]]:
         """Row ranges the clip search may shrink."""
         if "*" in self.unclipped:
             return []
         if not self.unclipped:
             return [slice(None)]
-        return [rows.slice() for name, rows in self.parts if name not in self.unclipped]
+        return [rows.index() for name, rows in self.parts if name not in self.unclipped]
 
     def tensors(self) -> tuple[str, ...]:
         return (self.weight,) + ((self.bias,) if self.bias else ())
@@ -118,9 +147,13 @@ class KvLayout:
 
 @dataclass(frozen=True)
 class Attention:
-    """Self-attention with RoPE and a KV cache. q/k/v are one fused ``qkv`` or three linears."""
+    """Self-attention with RoPE and a KV cache. q/k/v are one fused ``qkv`` or three linears.
 
-    kind: Literal["dense"]
+    ``kind`` "dense": causal (optionally sliding-window); "blocksparse": causal within the
+    ``blocksparse`` pattern (arch/blocksparse.py, Phi-3-small). ``scale`` multiplies q.k.
+    """
+
+    kind: Literal["dense", "blocksparse"]
     heads: int
     kv_heads: int
     head_dim: int
@@ -131,6 +164,7 @@ class Attention:
     k: Linear | None = None
     v: Linear | None = None
     sliding_window: int | None = None
+    blocksparse: BlockSparse | None = None
     module: str = "self_attn"
 
     @property
@@ -147,13 +181,19 @@ class Attention:
 
 @dataclass(frozen=True)
 class Mlp:
-    """SwiGLU: down(silu(gate) * up), gate|up fused in one linear."""
+    """A gated MLP with gate and up fused in one linear ``gate_up``:
 
-    kind: Literal["swiglu"]
+    - "swiglu" (parts gate, up): down(silu(gate) * up);
+    - "geglu" (parts gate, linear; Phi-3-small): down(quick_gelu(g) * (l + 1)) with
+      g = min(gate, limit), l = clamp(linear, -limit, limit), quick_gelu(x) = x * sigmoid(1.702 x).
+    """
+
+    kind: Literal["swiglu", "geglu"]
     intermediate: int
-    gate_up: Linear  # parts gate, up
+    gate_up: Linear
     down: Linear
     module: str = "mlp"
+    limit: float | None = None
 
     def linears(self) -> tuple[Linear, ...]:
         return (self.gate_up, self.down)
@@ -276,6 +316,11 @@ class Decoder:
     lm_head: Linear  # tied: its weight is the embedding table itself
     tied: bool
     rotary: Rotary
+    # muP (Phi-3-small): the embedding output is multiplied by embedding_scale, the logits by
+    # logits_scale; masked_ids (vocabulary ids no token uses) get float32's lowest logit.
+    embedding_scale: float = 1.0
+    logits_scale: float = 1.0
+    masked_ids: tuple[int, ...] = ()
 
     @property
     def roles(self) -> tuple[str, ...]:

@@ -5,13 +5,6 @@ from phi3_export.arch.registry import register
 
 
 @register
-class Phi3Small(Architecture):
-    names = ("Phi3SmallForCausalLM",)
-    supported = False
-    why_unsupported = "gegelu MLP, blocksparse attention and muP need their own graph"
-
-
-@register
 class Phi3Vision(Architecture):
     names = ("Phi3VForCausalLM",)
     supported = False

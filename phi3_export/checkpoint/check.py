@@ -14,16 +14,17 @@ from typing import Any
 
 from phi3_export.arch import Architecture, architecture
 from phi3_export.arch.plan import ModelPlan
-from phi3_export.checkpoint.config import architecture_name, check_config, rope_settings
+from phi3_export.checkpoint.config import architecture_name, check_config, intermediate_size, rope_settings
 from phi3_export.checkpoint.reader import FLOAT_DTYPES, Checkpoint
 from phi3_export.errors import Phi3ExportError
 from phi3_export.recipes.schema import FROM_CHECKPOINT, ModelFacts, Recipe
 
 FEATURES = ("architecture", "rope.kind", "rope.partial_rotary_factor", "tie_word_embeddings", "sliding_window", "gqa_ratio",
-            "experts_per_token")
+            "experts_per_token", "blocksparse.dense_attention_every_n_layers", "blocksparse.homo_head_pattern")
 DIMS = (
     "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size",
     "context_length", "original_context_length", "rope.theta", "tokenizer", "num_experts",
+    "blocksparse.block_size", "blocksparse.num_local_blocks", "blocksparse.vert_stride",
 )
 
 
@@ -34,6 +35,8 @@ def _get(facts: ModelFacts, field: str) -> object:
         return facts.num_heads // facts.num_kv_heads
     value: object = facts
     for part in field.split("."):
+        if value is None:  # a block the model does not have (no blocksparse facts)
+            return None
         value = getattr(value, part)
     return value
 
@@ -146,7 +149,7 @@ def peak_memory_terms(config: dict[str, Any], *, max_length: int, calibration: t
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
-    inter, vocab = config["intermediate_size"], config["vocab_size"]
+    inter, vocab = intermediate_size(config), config["vocab_size"]
     experts, top_k = config.get("num_local_experts") or 1, config.get("num_experts_per_tok") or 1
     q, kv = heads * head_dim, kv_heads * head_dim
     layer_params = hidden * (q + 2 * kv) + q * hidden + experts * 3 * hidden * inter + (experts * hidden if experts > 1 else 0)
@@ -180,7 +183,7 @@ def check_memory(config: dict[str, Any], source: str, *, max_length: int, calibr
         return
     worst = max(terms, key=terms.get)
     what = {
-        "layer": f"one decoder layer (hidden_size {config['hidden_size']}, intermediate_size {config['intermediate_size']}"
+        "layer": f"one decoder layer (hidden_size {config['hidden_size']}, intermediate_size {intermediate_size(config)}"
                  + (f", {config['num_local_experts']} experts" if config.get("num_local_experts") else "") + ")",
         "embedding": f"the embedding table (vocab_size {config['vocab_size']} x hidden_size {config['hidden_size']})",
         "rope": f"RoPE tables for max_length {max_length}",

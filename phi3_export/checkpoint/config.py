@@ -27,7 +27,8 @@ def rope_settings(config: dict[str, Any]) -> dict[str, Any]:
     kind = merged.get("rope_type") or merged.get("type") or "default"
     if kind == "su":
         kind = "longrope"
-    theta = _first(merged.get("rope_theta"), config.get("rope_theta"), 10000.0)
+    # Phi-3-small spells the RoPE base rope_embedding_base.
+    theta = _first(merged.get("rope_theta"), config.get("rope_theta"), config.get("rope_embedding_base"), 10000.0)
     partial = _first(merged.get("partial_rotary_factor"), config.get("partial_rotary_factor"), 1.0)
     return {
         "kind": kind,
@@ -53,7 +54,12 @@ LIMITS = {
     "original_max_position_embeddings": 1 << 22, "sliding_window": 1 << 22, "num_local_experts": 256,
     "num_experts_per_tok": 256,
 }
-REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
+REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+
+
+def intermediate_size(config: dict[str, Any]) -> int:
+    """The MLP width: ``intermediate_size``, or ``ff_intermediate_size`` as Phi-3-small spells it."""
+    return _first(config.get("intermediate_size"), config.get("ff_intermediate_size"))
 ROPE_KINDS = ("default", "longrope", "su")
 
 
@@ -141,7 +147,11 @@ def check_config(config: object, source: str | Path, *, required: tuple[str, ...
     hidden = c.integer("hidden_size", config["hidden_size"])
     heads = c.integer("num_attention_heads", config["num_attention_heads"])
     c.integer("num_hidden_layers", config["num_hidden_layers"])
-    c.integer("intermediate_size", config["intermediate_size"])
+    if config.get("intermediate_size") is None and config.get("ff_intermediate_size") is None:
+        c.fail("intermediate_size", "missing (a required key; Phi-3-small spells it ff_intermediate_size)")
+    for key in ("intermediate_size", "ff_intermediate_size"):
+        if config.get(key) is not None:
+            c.integer(key, config[key], hi=LIMITS["intermediate_size"])
     vocab = c.integer("vocab_size", config["vocab_size"])
     kv_heads = c.get_int("num_key_value_heads", heads)
     if heads % kv_heads:
@@ -162,6 +172,9 @@ def check_config(config: object, source: str | Path, *, required: tuple[str, ...
             c.fail(key, f"must be {want} for {config['architectures'][0]}, got {_kind(config[key])}")
     if config.get("rms_norm_eps") is not None:
         c.number("rms_norm_eps", config["rms_norm_eps"], le=1.0)
+    if config.get("layer_norm_epsilon") is not None:
+        c.number("layer_norm_epsilon", config["layer_norm_epsilon"], le=1.0)
+    _check_phi3small_keys(c)
     if config.get("router_jitter_noise") is not None:
         c.number("router_jitter_noise", config["router_jitter_noise"], positive=False, le=1.0)
     for key in ("tie_word_embeddings", "attention_bias", "lm_head_bias"):
@@ -170,6 +183,27 @@ def check_config(config: object, source: str | Path, *, required: tuple[str, ...
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         c.token_ids(key)
     _check_rope(c, head_dim, ctx, vocab)
+
+
+def _check_phi3small_keys(c: _Checker) -> None:
+    """Phi-3-small's own keys (muP multipliers, GEGLU limit, blocksparse pattern, dummy ids), where present."""
+    config = c.config
+    for key in ("gegelu_limit", "mup_attn_multiplier", "mup_embedding_multiplier", "mup_width_multiplier", "rope_embedding_base",
+                "rope_position_scale"):
+        if config.get(key) is not None:
+            c.number(key, config[key])
+    for key in ("blocksparse_block_size", "blocksparse_num_local_blocks", "blocksparse_vert_stride", "dense_attention_every_n_layers"):
+        if config.get(key) is not None:
+            c.integer(key, config[key], hi=1 << 20)
+    for key in ("blocksparse_homo_head_pattern", "mup_use_scaling"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            c.fail(key, f"must be true or false, got {_kind(config[key])}")
+    dummy = config.get("dummy_token_indices")
+    if dummy is not None:
+        if not isinstance(dummy, list):
+            c.fail("dummy_token_indices", f"must be a list of token ids, got {_kind(dummy)}")
+        for value in dummy:
+            c.integer("dummy_token_indices", value, 0, config["vocab_size"] - 1)
 
 
 def _check_rope(c: _Checker, head_dim: int, ctx: int, vocab: int) -> None:

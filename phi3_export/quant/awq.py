@@ -70,10 +70,10 @@ def fold_scale(weights: dict[str, torch.Tensor], group: ScalingGroup, s: torch.T
         for name in prev.tensors():  # LayerNorm: its bias too, since y = norm(x) * w + b
             weights[name].div_(full)
         return
-    rows = prev.rows(group.prev_part).slice() if group.prev_part else slice(None)
-    weights[prev.weight][rows].div_(s[:, None])
+    rows = prev.rows(group.prev_part).index() if group.prev_part else slice(None)
+    weights[prev.weight][rows] = weights[prev.weight][rows] / s[:, None]  # assignment: a row list indexes a copy
     if prev.bias:
-        weights[prev.bias][rows].div_(s)
+        weights[prev.bias][rows] = weights[prev.bias][rows] / s
 
 
 def channel_stat(group: ScalingGroup, x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,17 @@ class Rope(Strict):
         return "longrope" if value == "su" else value
 
 
+class BlocksparseFacts(Strict):
+    """Phi-3-small's attention pattern (config.json ``blocksparse_*`` keys, arch/blocksparse.py)."""
+
+    block_size: int | FromCheckpoint = Field(gt=0)
+    num_local_blocks: int | FromCheckpoint = Field(gt=0)
+    vert_stride: int | FromCheckpoint = Field(gt=0)
+    homo_head_pattern: bool | FromCheckpoint = False
+    # Layers i with (i + 1) % dense_attention_every_n_layers == 0 attend densely.
+    dense_attention_every_n_layers: int | FromCheckpoint = Field(gt=0)
+
+
 class ModelFacts(Strict):
     """Architecture facts; the same shape is built from a checkpoint's config.json."""
 
@@ -58,6 +69,8 @@ class ModelFacts(Strict):
     # experts each token is routed to. Absent for dense models.
     num_experts: int | FromCheckpoint | None = Field(default=None, gt=0)
     experts_per_token: int | FromCheckpoint | None = Field(default=None, gt=0)
+    # Blocksparse attention (Phi-3-small); absent for models that attend densely everywhere.
+    blocksparse: BlocksparseFacts | None = None
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelFacts:
