@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from phi3_export.arch.base import Architecture, causal_mask
 from phi3_export.arch.blocksparse import BlockSparse
-from phi3_export.arch.phi3 import model_facts, rotary_of
+from phi3_export.arch.phi3 import longrope_attention_factor, model_facts, rotary_of
 from phi3_export.arch.plan import Attention, Decoder, DecoderLayer, Linear, Mlp, ModelPlan, Norm, Rows, ScalingGroup
 from phi3_export.arch.registry import register
 from phi3_export.checkpoint.config import intermediate_size, rope_settings
@@ -146,9 +146,11 @@ class Phi3Small(Architecture):
         vocab, is_tied = config["vocab_size"], tied(config)
         embedding = "model.embed_tokens.weight"
         rope = rope_settings(config)
-        mscales = None
-        if rope.get("short_mscale") and rope.get("long_mscale") and rope["short_mscale"] > 0 and rope["long_mscale"] > 0:
-            mscales = (rope["short_mscale"], rope["long_mscale"])
+        # The published rotary multiplies cos/sin by short_mscale / long_mscale where positive;
+        # otherwise 1.0 on the short factors (unlike Phi-3-mini's LongRoPE, which scales both) and
+        # sqrt(1 + ln(context / original) / ln(original)) on the long ones.
+        short, long = rope.get("short_mscale") or -1, rope.get("long_mscale") or -1
+        mscales = (short if short > 0 else 1.0, long if long > 0 else longrope_attention_factor(config, rope))
         embedding_scale = config.get("mup_embedding_multiplier")
         width = config.get("mup_width_multiplier")
         decoder = Decoder(
