@@ -1,4 +1,13 @@
-"""Run an exported decoder with plain ONNX Runtime: full logits, with or without a KV cache."""
+"""Run an exported decoder with plain ONNX Runtime: full logits, with or without a KV cache.
+
+Most graphs take a past KV cache of the tokens so far and return a new, longer one. A graph
+with SparseAttention (Phi-3-small) runs only with past and present in one buffer: its CPU
+kernel checks that they are the same memory, as onnxruntime-genai's
+``past_present_share_buffer`` arranges. For those the cache is a preallocated buffer bound as
+both input and output (IOBinding), with ``length`` of its rows filled; it grows on demand (up to
+the artifact's max_length), so a short check does not allocate a max_length cache. GroupQueryAttention
+layers in the same graph read the same shared layout.
+"""
 
 from __future__ import annotations
 
@@ -6,30 +15,88 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+
+# Ops whose CPU kernels need past and present KV in one buffer.
+SHARED_BUFFER_OPS = {"SparseAttention"}
+FIRST_CAPACITY = 256  # rows of a fresh shared buffer; doubled as the sequence grows
+
+
+class SharedCache(dict):
+    """past_key_values.* buffers [batch, kv_heads, capacity, head_dim]; rows [0, length) hold the tokens so far.
+
+    A step writes into these buffers in place: a cache handed to ``step`` is consumed (use
+    the one it returns).
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], length: int):
+        super().__init__(arrays)
+        self.length = length
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.values())).shape[2]
 
 
 class OrtDecoder:
     def __init__(self, folder: Path, threads: int = 0, providers: list[str] | None = None):
         folder = Path(folder)
-        cfg = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+        genai = json.loads((folder / "genai_config.json").read_text())
+        cfg = genai["model"]["decoder"]
         self.layers, self.kv_heads, self.head_dim = cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_size"]
+        self.max_length = int(genai["search"]["max_length"])
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads  # 0: ONNX Runtime's default, one per core
         self.session = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=providers or ["CPUExecutionProvider"])
         self.dtype = np.float16 if self.session.get_inputs()[2].type == "tensor(float16)" else np.float32
+        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph  # node list only: weights stay on disk
+        self.shared_buffer = any(node.op_type in SHARED_BUFFER_OPS for node in graph.node)
+
+    def _names(self) -> list[str]:
+        return [f"past_key_values.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
+
+    def _buffers(self, batch: int, capacity: int) -> dict[str, np.ndarray]:
+        shape = (batch, self.kv_heads, capacity, self.head_dim)
+        return {name: np.zeros(shape, self.dtype) for name in self._names()}
 
     def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
-        shape = (batch, self.kv_heads, 0, self.head_dim)
-        return {f"past_key_values.{i}.{k}": np.zeros(shape, self.dtype) for i in range(self.layers) for k in ("key", "value")}
+        if self.shared_buffer:
+            return SharedCache(self._buffers(batch, min(FIRST_CAPACITY, self.max_length)), 0)
+        return self._buffers(batch, 0)
 
     def step(self, ids: np.ndarray, cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        if isinstance(cache, SharedCache):
+            return self._shared_step(ids, cache)
         past = next(iter(cache.values())).shape[2]
         feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((ids.shape[0], past + ids.shape[1]), np.int64), **cache}
         names = [o.name for o in self.session.get_outputs()]
         outs = dict(zip(names, self.session.run(None, feeds)))
         new_cache = {f"past_key_values.{i}.{k}": outs[f"present.{i}.{k}"] for i in range(self.layers) for k in ("key", "value")}
         return outs["logits"].astype(np.float32), new_cache
+
+    def _shared_step(self, ids: np.ndarray, cache: SharedCache) -> tuple[np.ndarray, SharedCache]:
+        total = cache.length + ids.shape[1]
+        if total > self.max_length:
+            raise ValueError(f"{total} tokens exceed the artifact's max_length {self.max_length}")
+        if total > cache.capacity:  # grow: copy the filled rows into a larger buffer
+            grown = self._buffers(ids.shape[0], min(self.max_length, max(total, 2 * cache.capacity)))
+            for name, old in cache.items():
+                grown[name][:, :, : cache.length] = old[:, :, : cache.length]
+            cache = SharedCache(grown, cache.length)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, np.int64))
+        binding.bind_cpu_input("attention_mask", np.ones((ids.shape[0], total), np.int64))
+        binding.bind_output("logits")
+        values = []  # kept alive until the run ends: they wrap the numpy buffers without copying
+        for name, buffer in cache.items():
+            value = ort.OrtValue.ortvalue_from_numpy(buffer)
+            values.append(value)
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        return logits.astype(np.float32), SharedCache(dict(cache), total)
 
 
 def perplexity(decoder: OrtDecoder, ids: list[int], window: int = 256, stride: int = 256) -> float:

@@ -6,7 +6,9 @@ the reference streams like AWQ calibration does (checkpoint/stream.py): all sequ
 through layer 0, then layer 1, ..., carrying only the hidden states (a few MB for a few
 thousand tokens). The LM head is applied in row blocks. Each layer is the architecture's
 own torch layer module, fp32, with an explicit causal (and sliding-window) mask; the final
-norm is the plan's (RMSNorm, or LayerNorm with bias), and the LM head's bias is added.
+norm is the plan's (RMSNorm, or LayerNorm with bias), and the LM head's bias is added. The
+plan's decoder-level scales (muP: embedding_scale, logits_scale) and masked ids apply when it
+has them (Phi-3-small); for the others they are 1.0 and empty.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class StreamedReference:
         arch, ckpt, config, decoder = self.arch, self.ckpt, self.ckpt.config, self.plan.decoder
         extra = arch.calibration_inputs(config, sequences.shape[1])
         x = ckpt.gather_rows(decoder.embedding, sequences)
+        if decoder.embedding_scale != 1.0:  # muP (Phi-3-small)
+            x = x * decoder.embedding_scale
         with torch.no_grad():
             for layer in stream_layers(ckpt, decoder.layers):
                 module = arch.loaded_layer(config, layer, load_tensors(ckpt, layer.tensors()))
@@ -54,8 +58,10 @@ class StreamedReference:
         return x
 
     def logits(self, hidden: torch.Tensor) -> Iterator[np.ndarray]:
-        """fp32 logits [seq, vocab] for each sequence of final hidden states, LM head in row blocks."""
-        head = self.plan.decoder.lm_head
+        """fp32 logits [seq, vocab] for each sequence of final hidden states, LM head in row blocks,
+        times the plan's logits scale, its masked ids at float32's lowest value."""
+        decoder = self.plan.decoder
+        head = decoder.lm_head
         vocab = self.ckpt.shape(head.weight)[0]
         bias = self.ckpt.tensor(head.bias) if head.bias else None
         with torch.no_grad():
@@ -67,4 +73,8 @@ class StreamedReference:
                     if bias is not None:
                         part = part + bias[start : start + block.shape[0]]
                     out[:, start : start + block.shape[0]] = part.numpy()
+                if decoder.logits_scale != 1.0:
+                    out *= np.float32(decoder.logits_scale)
+                if decoder.masked_ids:
+                    out[:, list(decoder.masked_ids)] = np.finfo(np.float32).min
                 yield out

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from phi3_export.arch.plan import Attention, Linear, Mlp, Moe, Norm
 from phi3_export.errors import Phi3ExportError
@@ -34,8 +34,10 @@ def emitter_for(table: dict[str, Callable], kind: str) -> Callable:
 
 # ---- norms ----------------------------------------------------------------------------------
 
-def rms_norm(em: DecoderEmitter, norm: Norm, residual: str, pending: str | None, path: str, final: bool = False) -> tuple[str, str]:
-    weight = em.float_param(norm.weight)
+def rms_norm(em: DecoderEmitter, norm: Norm, residual: str, pending: str | None, path: str, final: bool = False,
+             scale: float = 1.0) -> tuple[str, str]:
+    """RMSNorm; ``scale`` (a power of two: exact) multiplies its output through the weight."""
+    weight = em.float_param(norm.weight, scale=scale)
     if pending is None:
         h = em.node("SimplifiedLayerNormalization", [residual, weight], f"{path}/LayerNorm", axis=-1, epsilon=norm.eps,
                     stash_type=1)[0]
@@ -45,10 +47,12 @@ def rms_norm(em: DecoderEmitter, norm: Norm, residual: str, pending: str | None,
     return outputs[0], outputs[-1]
 
 
-def layer_norm(em: DecoderEmitter, norm: Norm, residual: str, pending: str | None, path: str, final: bool = False) -> tuple[str, str]:
-    """LayerNorm with bias (PhiMoE): y = (x - mean) / std * weight + bias."""
-    weight = em.float_param(norm.weight)
-    bias = em.float_param(norm.bias)
+def layer_norm(em: DecoderEmitter, norm: Norm, residual: str, pending: str | None, path: str, final: bool = False,
+               scale: float = 1.0) -> tuple[str, str]:
+    """LayerNorm with bias (PhiMoE, Phi-3-small): y = (x - mean) / std * weight + bias, times ``scale``
+    folded into weight and bias."""
+    weight = em.float_param(norm.weight, scale=scale)
+    bias = em.float_param(norm.bias, scale=scale)
     if pending is None:
         h = em.node("LayerNormalization", [residual, weight, bias], f"{path}/LayerNorm", axis=-1, epsilon=norm.eps, stash_type=1)[0]
         return h, residual
@@ -62,13 +66,17 @@ NORM_EMITTERS: dict[str, Callable] = {"rms": rms_norm, "layer": layer_norm}
 
 # ---- attention --------------------------------------------------------------------------------
 
+def _qkv(em: DecoderEmitter, attn: Attention, h: str, p: str) -> list[str]:
+    """[packed q|k|v, "", ""] from a fused projection (rows in parts order), else [q, k, v]."""
+    if attn.qkv is not None:
+        return [em.linear(h, attn.qkv, f"{p}/qkv_proj"), "", ""]
+    return [em.linear(h, lin, f"{p}/{part}_proj") for part, lin in (("q", attn.q), ("k", attn.k), ("v", attn.v))]
+
+
 def dense_attention(em: DecoderEmitter, attn: Attention, h: str, i: int, shared: dict[str, str]) -> str:
     """GroupQueryAttention (rotary inside, KV cache shared past/present) on fused or separate q/k/v."""
     p = f"/model/layers.{i}/attn"
-    if attn.qkv is not None:
-        qkv = [em.linear(h, attn.qkv, f"{p}/qkv_proj"), "", ""]
-    else:
-        qkv = [em.linear(h, lin, f"{p}/{part}_proj") for part, lin in (("q", attn.q), ("k", attn.k), ("v", attn.v))]
+    qkv = _qkv(em, attn, h, p)
     window = attn.sliding_window if attn.sliding_window and attn.sliding_window < em.target.max_length else -1
     out, _, _ = em.node(
         "GroupQueryAttention",
@@ -81,6 +89,57 @@ def dense_attention(em: DecoderEmitter, attn: Attention, h: str, i: int, shared:
     return em.linear(out, attn.o, f"{p}/o_proj")
 
 
+# SparseAttention's block sizes (onnxruntime's contrib op schema).
+SPARSE_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def blocksparse_layout(em: DecoderEmitter, attn: Attention) -> tuple[str, str]:
+    """The CSR block layout initializers (one per distinct pattern in the graph), sized to max_length.
+
+    SparseAttention derives its longest sequence from the layout's rows (blocks x block size),
+    so the layout covers ceil(max_length / block) blocks; head h reads layout h % layouts.
+    """
+    bs = attn.blocksparse
+    key = (bs, attn.heads)
+    if key not in em.layouts:
+        rows, cols = bs.csr(attn.heads, -(-em.target.max_length // bs.block))
+        suffix = f"_{len(em.layouts)}" if em.layouts else ""
+        em.layouts[key] = (em.weight(f"block_row_indices{suffix}", rows), em.weight(f"block_col_indices{suffix}", cols))
+    return em.layouts[key]
+
+
+def blocksparse_attention(em: DecoderEmitter, attn: Attention, h: str, i: int, shared: dict[str, str]) -> str:
+    """SparseAttention (Phi-3-small): causal attention within the block pattern, rotary inside.
+
+    The CPU kernel runs only with past and present KV sharing one buffer (past_present_share_buffer);
+    it takes each sequence's unpadded key length (the attention mask's row sum), not GQA's length - 1.
+    """
+    p = f"/model/layers.{i}/attn"
+    qkv = _qkv(em, attn, h, p)
+    rows, cols = blocksparse_layout(em, attn)
+    if "key_total" not in shared:
+        shared["key_total"] = em.node("Cast", [shared["mask_sum"]], "/model/attn_mask_reformat/ReduceSum/Cast", to=TensorProto.INT32)[0]
+    out, _, _ = em.node(
+        "SparseAttention",
+        qkv + [f"past_key_values.{i}.key", f"past_key_values.{i}.value", rows, cols, shared["total"], shared["key_total"],
+               shared["cos"], shared["sin"]],
+        f"{p}/SparseAttention", domain=MS,
+        outputs=[f"{p}/SparseAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
+        num_heads=attn.heads, kv_num_heads=attn.kv_heads, scale=float(attn.scale), sparse_block_size=attn.blocksparse.block,
+        do_rotary=1, rotary_interleaved=0,
+    )
+    return em.linear(out, attn.o, f"{p}/o_proj")
+
+
+def check_blocksparse(attn: Attention) -> str | None:
+    """Why SparseAttention cannot run this block, or None."""
+    if attn.blocksparse.block not in SPARSE_BLOCK_SIZES:
+        return f"blocksparse block size {attn.blocksparse.block}: SparseAttention takes {', '.join(map(str, SPARSE_BLOCK_SIZES))}"
+    if attn.head_dim % 16:
+        return f"head size {attn.head_dim}: SparseAttention with rotary needs a multiple of 16"
+    return None
+
+
 # ---- feed-forward ----------------------------------------------------------------------------------
 
 def swiglu_mlp(em: DecoderEmitter, mlp: Mlp, h: str, i: int, _shared: dict[str, str]) -> str:
@@ -91,6 +150,27 @@ def swiglu_mlp(em: DecoderEmitter, mlp: Mlp, h: str, i: int, _shared: dict[str, 
     sig = em.node("Sigmoid", [gate], f"{p}/act_fn/Sigmoid")[0]
     act = em.node("Mul", [gate, sig], f"{p}/act_fn/Mul")[0]
     prod = em.node("Mul", [act, up], f"{p}/Mul")[0]
+    return em.linear(prod, mlp.down, f"{p}/down_proj")
+
+
+def geglu_mlp(em: DecoderEmitter, mlp: Mlp, h: str, i: int, _shared: dict[str, str]) -> str:
+    """Phi-3-small's GEGLU: down(quick_gelu(min(g, limit)) * (clip(l, -limit, limit) + 1)).
+
+    The clamps are plain Min / Clip: the published code lets an infinite value through
+    unclamped (torch.where(isinf)), which only differs once an activation has overflowed.
+    """
+    p = f"/model/layers.{i}/mlp"
+    gate_up = em.linear(h, mlp.gate_up, f"{p}/up_proj")
+    gate, linear = em.node("Split", [gate_up, em.const(mlp.gate_up.part_sizes())], f"{p}/Split", n_out=2, axis=-1)
+    if mlp.limit is not None:
+        limit = em.const(mlp.limit, em.io)
+        gate = em.node("Min", [gate, limit], f"{p}/gate/Min")[0]
+        linear = em.node("Clip", [linear, em.const(-mlp.limit, em.io), limit], f"{p}/linear/Clip")[0]
+    scaled = em.node("Mul", [gate, em.const(1.702, em.io)], f"{p}/act_fn/Mul_alpha")[0]
+    sig = em.node("Sigmoid", [scaled], f"{p}/act_fn/Sigmoid")[0]
+    act = em.node("Mul", [gate, sig], f"{p}/act_fn/Mul")[0]
+    shifted = em.node("Add", [linear, em.const(1.0, em.io)], f"{p}/linear/Add")[0]
+    prod = em.node("Mul", [act, shifted], f"{p}/Mul")[0]
     return em.linear(prod, mlp.down, f"{p}/down_proj")
 
 
@@ -215,6 +295,9 @@ def moe_block(em: DecoderEmitter, moe: Moe, h: str, i: int, _shared: dict[str, s
     return em.node("Reshape", [out, em.node("Shape", [h], f"{p}/Shape")[0]], f"{p}/Reshape_out")[0]
 
 
-BLOCK_EMITTERS: dict[str, Callable] = {"dense": dense_attention, "swiglu": swiglu_mlp, "moe": moe_block}
+BLOCK_EMITTERS: dict[str, Callable] = {"dense": dense_attention, "blocksparse": blocksparse_attention, "swiglu": swiglu_mlp,
+                                        "geglu": geglu_mlp, "moe": moe_block}
 # Contrib ops a block kind may emit beyond the common ones (targets refuse kinds by op: targets.py).
-BLOCK_OPS: dict[str, tuple[str, ...]] = {"moe": ("QMoE", "MoE")}
+BLOCK_OPS: dict[str, tuple[str, ...]] = {"moe": ("QMoE", "MoE"), "blocksparse": ("SparseAttention",)}
+# Checks a block kind's settings must pass before anything is quantized: the reason, or None.
+BLOCK_CHECKS: dict[str, Callable] = {"blocksparse": check_blocksparse}

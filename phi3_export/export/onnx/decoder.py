@@ -18,6 +18,7 @@ run control flow), and the tables are sized to the artifact's max_length, not 13
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,7 @@ class DecoderEmitter:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.consts: dict[str, str] = {}
+        self.layouts: dict[tuple, tuple[str, str]] = {}  # blocksparse CSR layouts by (pattern, heads)
         self.data = ExternalDataWriter(self.out_dir / "model.onnx.data")
         self.tied_lm_head_inputs: tuple[list[str], dict] | None = None
         self.tied_table: str | None = None
@@ -79,26 +81,31 @@ class DecoderEmitter:
         self.initializers.append(self.data.add_rows(name, shape, np.dtype(dtype), blocks))
         return name
 
-    def float_param(self, tensor_name: str, onnx_name: str | None = None) -> str:
-        """A float tensor in the target's dtype, copied over in row blocks."""
+    def float_param(self, tensor_name: str, onnx_name: str | None = None, scale: float = 1.0) -> str:
+        """A float tensor in the target's dtype (times ``scale``), copied over in row blocks."""
         onnx_name = onnx_name or tensor_name
         shape = tuple(self.qckpt.info(tensor_name)["shape"])
         rows_per_block = max(1, (1 << 22) // max(1, int(np.prod(shape[1:]))))
-        blocks = (b.numpy() for b in self.qckpt.float_row_blocks(tensor_name, torch.float32, rows_per_block))
+        blocks = (b.numpy() * np.float32(scale) if scale != 1.0 else b.numpy()
+                  for b in self.qckpt.float_row_blocks(tensor_name, torch.float32, rows_per_block))
         self.initializers.append(self.data.add_rows(onnx_name, shape, np.dtype(self.io), blocks))
         return onnx_name
 
     # ---- linears ----------------------------------------------------------------------------
-    def matmul_nbits_arrays(self, tensor: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
+    def matmul_nbits_arrays(self, tensor: str, order: list[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
         """(blob [rows, blocks, block bytes], scales, zero points, attrs): MatMulNBits' layout of our codes.
 
-        Zero points are None when every block uses MatMulNBits' default, 2**(bits-1).
+        Zero points are None when every block uses MatMulNBits' default, 2**(bits-1). ``order``
+        permutes the rows (a fused linear in parts order): blocks run along a row, so every code,
+        scale and zero point moves with its row unchanged.
         """
         info = self.qckpt.info(tensor)
         bits, block = info["bits"], info["block_size"]
         rows, cols = info["shape"]
         n_blocks = -(-cols // block)
         packed, scales, zeros = self.qckpt.packed(tensor)
+        if order is not None:
+            packed, scales, zeros = packed[order], scales[order], zeros[order]
         if cols % block:
             # MatMulNBits wants whole blocks: pad the last one with its zero point (dequantizes to 0).
             codes = unpack_codes(packed, bits, cols)
@@ -109,8 +116,9 @@ class DecoderEmitter:
         zp = None if torch.all(zeros == 2 ** (bits - 1)) else (zeros if bits == 8 else pack_codes(zeros, 4)).numpy()
         return blob, scales.numpy(), zp, {"K": cols, "N": rows, "bits": bits, "block_size": block}
 
-    def matmul_nbits_inputs(self, tensor: str, base: str, explicit_zero_points: bool = False) -> tuple[list[str], dict]:
-        blob, scales, zp, attrs = self.matmul_nbits_arrays(tensor)
+    def matmul_nbits_inputs(self, tensor: str, base: str, explicit_zero_points: bool = False,
+                            order: list[int] | None = None) -> tuple[list[str], dict]:
+        blob, scales, zp, attrs = self.matmul_nbits_arrays(tensor, order)
         bits = attrs["bits"]
         inputs = [
             self.weight(f"{base}.weight_Q{bits}", blob),
@@ -118,26 +126,36 @@ class DecoderEmitter:
         ]
         # MatMulNBits' default zero point is 2**(bits-1): omit the input when every block uses it.
         if explicit_zero_points and zp is None:
-            zeros = self.qckpt.packed(tensor)[2]
+            zeros = self.qckpt.packed(tensor)[2] if order is None else self.qckpt.packed(tensor)[2][order]
             zp = (zeros if bits == 8 else pack_codes(zeros, 4)).numpy()
         if zp is not None:
             inputs.append(self.weight(f"{base}.weight_zp", zp))
         return inputs, attrs
 
     def linear(self, x: str, linear: Linear, path: str, output: str | None = None) -> str:
-        """x W^T (+ b): MatMulNBits when the checkpoint holds codes, MatMul otherwise."""
+        """x W^T (+ b): MatMulNBits when the checkpoint holds codes, MatMul otherwise.
+
+        A fused linear whose parts are not stored in order (Phi-3-small's head-group-major qkv,
+        GEGLU's interleaved gate|linear) is emitted with its rows, and its bias, in parts order,
+        so its output splits into the parts by size.
+        """
         base = path.strip("/").replace("/", ".")
         outputs = [output] if output and not linear.bias else None
-        tensor = linear.weight
+        tensor, order = linear.weight, linear.row_order()
         if self.qckpt.is_quantized(tensor):
-            inputs, attrs = self.matmul_nbits_inputs(tensor, f"{base}.MatMul")
+            inputs, attrs = self.matmul_nbits_inputs(tensor, f"{base}.MatMul", order=order)
             y = self.node("MatMulNBits", [x] + inputs, f"{path}/MatMulNBits", domain=MS, outputs=outputs,
                           accuracy_level=self.target.accuracy_level, **attrs)[0]
         else:
-            w = self.weight(f"{base}.MatMul.weight", self.qckpt.float(tensor).T.contiguous().numpy().astype(self.io))
+            weight = self.qckpt.float(tensor)
+            weight = weight if order is None else weight[order]
+            w = self.weight(f"{base}.MatMul.weight", weight.T.contiguous().numpy().astype(self.io))
             y = self.node("MatMul", [x, w], f"{path}/MatMul", outputs=outputs)[0]
         if linear.bias:
-            bias = self.float_param(linear.bias, f"{base}.bias")
+            if order is None:
+                bias = self.float_param(linear.bias, f"{base}.bias")
+            else:
+                bias = self.weight(f"{base}.bias", self.qckpt.float(linear.bias)[order].numpy().astype(self.io))
             y = self.node("Add", [y, bias], f"{path}/Add", outputs=[output] if output else None)[0]
         return y
 
@@ -184,15 +202,51 @@ class DecoderEmitter:
         self.tied_table = self.float_param(name)
         return self.node("Gather", [self.tied_table, "input_ids"], "/model/embed_tokens/Gather")[0]
 
-    def lm_head(self, x: str) -> str:
+    def lm_head(self, x: str, output: str = "logits") -> str:
         if not self.decoder.tied:
-            return self.linear(x, self.decoder.lm_head, "/lm_head", output="logits")
+            return self.linear(x, self.decoder.lm_head, "/lm_head", output=output)
         if self.tied_lm_head_inputs is not None:
             inputs, attrs = self.tied_lm_head_inputs
-            return self.node("MatMulNBits", [x] + inputs, "/lm_head/MatMulNBits", domain=MS, outputs=["logits"],
+            return self.node("MatMulNBits", [x] + inputs, "/lm_head/MatMulNBits", domain=MS, outputs=[output],
                              accuracy_level=self.target.accuracy_level, **attrs)[0]
         table_t = self.node("Transpose", [self.tied_table], "/lm_head/Transpose", perm=[1, 0])[0]
-        return self.node("MatMul", [x, table_t], "/lm_head/MatMul", outputs=["logits"])[0]
+        return self.node("MatMul", [x, table_t], "/lm_head/MatMul", outputs=[output])[0]
+
+    # ---- muP scales and masked ids (Phi-3-small); a plan without them emits none of this ----------
+    def scaled_embedding(self) -> str:
+        out = self.embedding()
+        scale = self.decoder.embedding_scale
+        if scale == 1.0:
+            return out
+        return self.node("Mul", [out, self.const(scale, self.io)], "/model/embed_tokens/Mul")[0]
+
+    def folded_logits_scale(self) -> float:
+        """The logits scale when it folds exactly into the final norm's weight and bias, else 1.0.
+
+        A power of two scales every product and sum of the LM head exactly (barring overflow), so
+        logits_scale * (norm(x) W^T) == (logits_scale * norm(x)) W^T bit for bit; a bias on the
+        LM head would need scaling too, so a head with one keeps the Mul.
+        """
+        scale = self.decoder.logits_scale
+        exact = scale > 0 and math.frexp(scale)[0] == 0.5
+        return scale if exact and not self.decoder.lm_head.bias else 1.0
+
+    def logits(self, h: str, folded: float) -> str:
+        d = self.decoder
+        scale = d.logits_scale / folded
+        if scale == 1.0 and not d.masked_ids:
+            return self.lm_head(h)
+        out = self.lm_head(h, "/lm_head/output_0")
+        if scale != 1.0:
+            last = None if d.masked_ids else "logits"
+            out = self.node("Mul", [out, self.const(scale, self.io)], "/lm_head/Mul", outputs=[last] if last else None)[0]
+        if d.masked_ids:
+            # Ids no token uses get the lowest finite logit (float32's in fp32 graphs), as the model masks them.
+            mask = np.zeros(d.vocab, np.bool_)
+            mask[list(d.masked_ids)] = True
+            lowest = self.const(np.finfo(self.io).min, self.io)
+            out = self.node("Where", [self.weight("lm_head.masked_ids", mask), lowest, out], "/lm_head/Where", outputs=["logits"])[0]
+        return out
 
     def io_values(self) -> tuple[list, list]:
         d, io = self.decoder, self.io_onnx
@@ -214,16 +268,20 @@ class DecoderEmitter:
         try:
             seqlens, total = self.attention_mask_inputs()
             cos, sin = self.rotary_caches(total)
-            attention_inputs = {"seqlens": seqlens, "total": total, "cos": cos, "sin": sin}
-            residual, pending = self.embedding(), None
+            # mask_sum: the attention mask's row sums (int64), for blocks that want them (SparseAttention).
+            attention_inputs = {"seqlens": seqlens, "total": total, "cos": cos, "sin": sin,
+                                "mask_sum": "/model/attn_mask_reformat/ReduceSum/output_0"}
+            residual, pending = self.scaled_embedding(), None
             for layer in stream_layers(self.qckpt, d.layers, progress_task):  # unmaps each layer's quantized file after it
                 p = f"/model/layers.{layer.index}"
                 h, residual = emitter_for(NORM_EMITTERS, layer.attn_norm.kind)(self, layer.attn_norm, residual, pending, f"{p}/{layer.attn_norm.module}")
                 attn = emitter_for(BLOCK_EMITTERS, layer.attention.kind)(self, layer.attention, h, layer.index, attention_inputs)
                 h, residual = emitter_for(NORM_EMITTERS, layer.mlp_norm.kind)(self, layer.mlp_norm, residual, attn, f"{p}/{layer.mlp_norm.module}")
                 pending = emitter_for(BLOCK_EMITTERS, layer.mlp.kind)(self, layer.mlp, h, layer.index, attention_inputs)
-            h, _ = emitter_for(NORM_EMITTERS, d.final_norm.kind)(self, d.final_norm, residual, pending, "/model/norm", final=True)
-            self.lm_head(h)
+            folded = self.folded_logits_scale()
+            scale = {"scale": folded} if folded != 1.0 else {}
+            h, _ = emitter_for(NORM_EMITTERS, d.final_norm.kind)(self, d.final_norm, residual, pending, "/model/norm", final=True, **scale)
+            self.logits(h, folded)
         finally:
             self.data.close()
         if not self.target.target.control_flow_allowed:

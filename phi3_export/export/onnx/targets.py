@@ -29,8 +29,10 @@ class OnnxTarget:
 TARGETS: dict[str, OnnxTarget] = {
     "cpu": OnnxTarget("cpu", np.float32, {}, float_bits=(32,)),
     "dml": OnnxTarget("dml", np.float16, {"dml": {}}, float_bits=(16, 32), control_flow_allowed=False, refused_ops={
-        op: "not run on DirectML here (needs Windows), and the ORT-GenAI builder emits it for CUDA only"
-        for op in ("QMoE", "MoE")}),
+        **{op: "not run on DirectML here (needs Windows), and the ORT-GenAI builder emits it for CUDA only"
+           for op in ("QMoE", "MoE")},
+        "SparseAttention": "DirectML has no kernel for it (onnxruntime's OperatorKernels.md lists it for CPU and CUDA only)",
+    }),
     "mobile": OnnxTarget("mobile", np.float32, {}, float_bits=(32,)),
 }
 
@@ -49,14 +51,19 @@ class ResolvedTarget:
 
 def check_target_ops(target: ResolvedTarget, plan: ModelPlan) -> None:
     """Refuse a target whose runtime cannot run an op the plan's blocks need, naming the op."""
-    from phi3_export.export.onnx.blocks import BLOCK_OPS
+    from phi3_export.export.onnx.blocks import BLOCK_CHECKS, BLOCK_OPS
 
-    kinds = {block.kind for layer in plan.decoder.layers for block in (layer.attention, layer.mlp)}
-    for kind in sorted(kinds):
+    blocks = {block.kind: block for layer in plan.decoder.layers for block in (layer.attention, layer.mlp)}
+    for kind in sorted(blocks):
         refused = [op for op in BLOCK_OPS.get(kind, ()) if op in target.target.refused_ops]
         if refused:
             raise Phi3ExportError(f"--target {target.name}: {plan.architecture}'s {kind} blocks need the {'/'.join(refused)} "
                                   f"op: {target.target.refused_ops[refused[0]]}")
+    for layer in plan.decoder.layers:
+        for block in (layer.attention, layer.mlp):
+            reason = BLOCK_CHECKS[block.kind](block) if block.kind in BLOCK_CHECKS else None
+            if reason:
+                raise Phi3ExportError(f"--target {target.name}: layer {layer.index}: {reason}")
 
 
 def resolve_target(name: str, recipe: Recipe, bits: int, accuracy_level: int, max_length: int | None) -> ResolvedTarget:
