@@ -165,19 +165,22 @@ def quantize(
     block_size: int | None = None, symmetric: bool | None = None, accuracy_level: int | None = None,
     lm_head: str | None = None, max_length: int | None = None, force: bool = False, keep_quantized: bool = False, progress: Progress | None = None,
     calib_text: str | Path | None = None, calib_samples: int | None = None, calib_seqlen: int | None = None,
-    seed: int | None = None,
+    seed: int | None = None, tiktoken_file: str | Path | None = None,
 ) -> dict:
     """Quantize a checkpoint and export one artifact per format x target; returns the manifest.
 
     An interrupted AWQ run keeps its finished layers in ``.<out>.awq-work`` beside ``out``;
     the same command run again resumes after the last finished layer.
+
+    ``tiktoken_file``: for a checkpoint without tokenizer.json whose tokenizer is tiktoken ranks
+    (Phi-3-small), the ranks to build it from (default: the folder's own ranks file).
     """
     progress = progress or Progress(enabled=False)
     out = Path(out)
     # Inputs are never written to: an --out that is, holds or lies inside the checkpoint is refused.
     check_separate(out, Path(checkpoint), "--checkpoint")
     # Every check below reads headers and config only: nothing is allocated or written until they pass.
-    ckpt = Checkpoint(checkpoint)
+    ckpt = Checkpoint(checkpoint, tiktoken_file=tiktoken_file)
     source = str(ckpt.folder / "config.json")
     arch = checked_architecture(ckpt)  # config.json range-checked, before any fact or plan is built from it
     facts = arch.facts_from_config(ckpt.config, ckpt.tokenizer_kind)

@@ -82,6 +82,7 @@ class Phi3Small(Architecture):
     # Positions scaled by rope_position_scale (1.0 in every published config) are not part of
     # the plan's Rotary; a config with another value is refused rather than exported wrong.
     config_fixed: ClassVar[dict[str, float]] = {"rope_position_scale": 1.0}
+    tiktoken_tokenizer: ClassVar[str] = "phi-3-small"  # no tokenizer.json: built from cl100k_base.tiktoken (checkpoint/tiktoken.py)
 
     @classmethod
     def facts_from_config(cls, config: dict[str, Any], tokenizer_kind: str) -> ModelFacts:

@@ -114,10 +114,30 @@ def checked_architecture(ckpt: Checkpoint) -> type[Architecture]:
     source = ckpt.folder / "config.json"
     arch = architecture(architecture_name(ckpt.config, source), source=str(source))
     check_config(ckpt.config, source, required=getattr(arch, "config_required", ()), fixed=getattr(arch, "config_fixed", None))
-    if ckpt.tokenizer_kind == "unknown":
-        raise Phi3ExportError(f"{ckpt.folder}: no tokenizer.json (nor a sentencepiece tokenizer.model): "
-                              "the artifacts need the model's tokenizer")
+    _resolve_tokenizer(ckpt, arch)
     return arch
+
+
+def _resolve_tokenizer(ckpt: Checkpoint, arch: type[Architecture]) -> None:
+    """The checkpoint's own tokenizer, else one built from tiktoken ranks where the architecture
+    declares its tokenizer is (``tiktoken_tokenizer``, a checkpoint/tiktoken.py SPECS name)."""
+    from phi3_export.checkpoint.tiktoken import SPECS
+
+    spec_name = getattr(arch, "tiktoken_tokenizer", None)
+    spec = SPECS[spec_name] if spec_name else None
+    if ckpt.tiktoken_file is not None:
+        if spec is None:
+            raise Phi3ExportError(f"--tiktoken-file {ckpt.tiktoken_file}: {arch.names[0]} checkpoints have no tiktoken tokenizer")
+        if (ckpt.folder / "tokenizer.json").is_file():
+            raise Phi3ExportError(f"--tiktoken-file {ckpt.tiktoken_file}: {ckpt.folder} has its own tokenizer.json "
+                                  "(used as it is): drop --tiktoken-file")
+    if ckpt.tokenizer_folder != ckpt.folder or (ckpt.tokenizer_kind != "unknown" and ckpt.tiktoken_file is None):
+        return  # built already, or the folder's own
+    if spec is not None:
+        ckpt.use_tiktoken(spec)
+        return
+    raise Phi3ExportError(f"{ckpt.folder}: no tokenizer.json (nor a sentencepiece tokenizer.model): "
+                          "the artifacts need the model's tokenizer")
 
 
 # ---- memory, estimated from config.json before anything is allocated ------------------------

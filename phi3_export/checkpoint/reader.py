@@ -1,9 +1,11 @@
 """A local Hugging Face checkpoint, read lazily one tensor at a time.
 
 Only config.json, safetensors shards (with or without an index) and tokenizer files are
-read. Pickle formats (.bin/.pt/.pth/.ckpt) are refused and nothing in the folder is ever
-executed. Every shard's header is checked against the file size up front, so a
-truncated download fails before any output is written.
+read (for an architecture whose tokenizer is tiktoken ranks, Phi-3-small, tokenizer.json is
+built from its ranks file into a temporary folder: checkpoint/tiktoken.py). Pickle formats
+(.bin/.pt/.pth/.ckpt) are refused and nothing in the folder is ever executed. Every shard's
+header is checked against the file size up front, so a truncated download fails before any
+output is written.
 
 Everything read here is checked before it is used, each problem a one-line Phi3ExportError
 naming the file: JSON files must be objects (typed where their fields are read), safetensors
@@ -16,14 +18,15 @@ from __future__ import annotations
 
 import json
 import struct
+import tempfile
 from collections.abc import Iterator
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from phi3_export.checkpoint.tiktoken import TiktokenSpec
 from phi3_export.errors import Phi3ExportError
 from phi3_export.jsonfile import json_type, read_json
 
@@ -33,6 +36,9 @@ TOKENIZER_FILES = (
     "added_tokens.json", "chat_template.jinja", "generation_config.json",
 )
 LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md")
+# The folder's files a tokenizer built from tiktoken ranks stands in for (its chat template is folded in).
+BUILT_TOKENIZER_REPLACES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                            "added_tokens.json", "chat_template.jinja")
 # The JSON files among TOKENIZER_FILES: each must be one JSON object (they are parsed here, by
 # the exporters and by onnxruntime-genai from the artifact they are copied into).
 JSON_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -162,10 +168,16 @@ def _hf_cache_blobs(folder: Path) -> Path | None:
 class Checkpoint:
     """A checkpoint folder: its config, tokenizer files and tensors (loaded on demand)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, *, tiktoken_file: str | Path | None = None):
+        """``tiktoken_file``: a tiktoken ranks file to build tokenizer.json from (``--tiktoken-file``),
+        for an architecture whose checkpoints ship ranks instead (``use_tiktoken``)."""
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise Phi3ExportError(f"{self.folder}: checkpoint folder not found")
+        self.tiktoken_file = Path(tiktoken_file) if tiktoken_file is not None else None
+        if self.tiktoken_file is not None and not self.tiktoken_file.is_file():
+            raise Phi3ExportError(f"--tiktoken-file {self.tiktoken_file}: file not found")
+        self._built: tempfile.TemporaryDirectory | None = None  # tokenizer files built from ranks (never in the folder)
         config_path = self.folder / "config.json"
         if not config_path.is_file():
             raise Phi3ExportError(f"{config_path}: missing config.json (not a Hugging Face checkpoint folder)")
@@ -316,17 +328,52 @@ class Checkpoint:
         """Drop the open shards: unmaps them, so pages read so far leave this process's RSS."""
         self._open.clear()
 
-    @cached_property
+    @property
     def tokenizer_kind(self) -> str:
         """Byte-level BPE (Phi-4-mini, Phi-3-small) or Llama sentencepiece-style BPE."""
         if self._tokenizer_json_kind is not None:
             return self._tokenizer_json_kind
         return "llama-sentencepiece" if (self.folder / "tokenizer.model").is_file() else "unknown"
 
+    @property
+    def tokenizer_folder(self) -> Path:
+        """Where tokenizer.json and tokenizer_config.json are read from: the checkpoint folder, or
+        the temporary folder ``use_tiktoken`` built them in."""
+        return Path(self._built.name) if self._built is not None else self.folder
+
     def tokenizer_files(self) -> Iterator[Path]:
+        """The files an artifact carries: the built tokenizer's in place of the folder's own."""
         for name in TOKENIZER_FILES:
-            if (self.folder / name).is_file():
+            if self._built is not None and name in BUILT_TOKENIZER_REPLACES:
+                if (self.tokenizer_folder / name).is_file():
+                    yield self.tokenizer_folder / name
+            elif (self.folder / name).is_file():
                 yield self.folder / name
+
+    def use_tiktoken(self, spec: TiktokenSpec) -> None:
+        """Build tokenizer.json from tiktoken ranks (``--tiktoken-file``, else the folder's
+        ``spec.ranks_file``) into a temporary folder: for a checkpoint without tokenizer.json
+        whose architecture's tokenizer is ``spec``. The chat template is the folder's own
+        (chat_template.jinja, then tokenizer_config.json) when it has one."""
+        from phi3_export.checkpoint.tiktoken import build_tokenizer
+
+        ranks = self.tiktoken_file
+        if ranks is None and (self.folder / spec.ranks_file).is_file():
+            ranks = self._contained(self.folder / spec.ranks_file, self.folder / spec.ranks_file)
+        if ranks is None:
+            raise Phi3ExportError(f"{self.folder}: no tokenizer.json: {spec.model}'s tokenizer is tiktoken's "
+                                  f"{Path(spec.ranks_file).stem} ranks: put {spec.ranks_file} in the folder or pass --tiktoken-file")
+        template, tok_config = None, self.folder / "tokenizer_config.json"
+        if (self.folder / "chat_template.jinja").is_file():
+            template = (self.folder / "chat_template.jinja").read_text(encoding="utf-8")
+        elif tok_config.is_file() and isinstance(_read_json(tok_config).get("chat_template"), str):
+            template = _read_json(tok_config)["chat_template"]
+        built = tempfile.TemporaryDirectory(prefix="phi3-export-tokenizer-")
+        length = self.config.get("max_position_embeddings")
+        build_tokenizer(ranks, spec, Path(built.name), vocab_size=self.config["vocab_size"], chat_template=template,
+                        model_max_length=length if _is_count(length) else None)
+        self._built = built
+        self._tokenizer_json_kind = _tokenizer_kind(_read_json(Path(built.name) / "tokenizer.json"))
 
     def license_file(self) -> Path | None:
         return next((self.folder / n for n in LICENSE_FILES if (self.folder / n).is_file()), None)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from phi3_export.cli.options import CALIBRATION_OPTIONS, PRECISION_OPTIONS, csv_values
+from phi3_export.cli.options import CALIBRATION_OPTIONS, PRECISION_OPTIONS, TIKTOKEN_OPTION, csv_values
 from phi3_export.errors import Phi3ExportError
 
 
@@ -23,11 +23,12 @@ from phi3_export.errors import Phi3ExportError
 @click.option("--symmetric/--asymmetric", default=None, help="Symmetric (zero point 8) or asymmetric per-block zero points.")
 @PRECISION_OPTIONS
 @CALIBRATION_OPTIONS
+@TIKTOKEN_OPTION
 @click.option("--keep-quantized", is_flag=True, help="Keep the format-neutral quantized checkpoint in OUT/quantized.")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder (only once the new one is complete).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def quantize(checkpoint, out, recipe, method, formats, targets, block_size, symmetric, bits, accuracy_level, lm_head, max_length,
-             calib_text, calib_samples, calib_seqlen, seed, keep_quantized, force, quiet):
+             calib_text, calib_samples, calib_seqlen, seed, tiktoken_file, keep_quantized, force, quiet):
     """Quantize a checkpoint and export one artifact per format and target.
 
     Recipe values are the defaults; every flag given overrides its recipe field. The
@@ -44,6 +45,7 @@ def quantize(checkpoint, out, recipe, method, formats, targets, block_size, symm
       phi3-export quantize --checkpoint ./ckpt --format all --out out/      # ONNX + Core ML + Core AI from one quantization
       phi3-export quantize --checkpoint ./ckpt --format coreai --out out/   # iOS/macOS 27 (pip install 'phi3-export[coreai]')
       phi3-export quantize --checkpoint ./ckpt --bits 32 --target cpu --out ref/   # fp32 reference export
+      phi3-export quantize --checkpoint ./Phi-3-small-8k-instruct --tiktoken-file cl100k_base.tiktoken --out out/
     """
     from phi3_export.api import quantize as run
     from phi3_export.progress import Progress
@@ -52,7 +54,7 @@ def quantize(checkpoint, out, recipe, method, formats, targets, block_size, symm
         checkpoint, out, recipe=recipe, bits=int(bits) if bits else None, method=method, formats=csv_values(formats) or ("onnx",),
         targets=csv_values(targets), block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level, lm_head=lm_head,
         max_length=max_length, force=force, keep_quantized=keep_quantized, progress=Progress(enabled=not quiet),
-        calib_text=calib_text, calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed,
+        calib_text=calib_text, calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, tiktoken_file=tiktoken_file,
     )
     for artifact in manifest["artifacts"]:
         size = sum(f["size"] for f in artifact["files"]) / 1e6

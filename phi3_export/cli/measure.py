@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from phi3_export.cli.options import CALIBRATION_OPTIONS, PRECISION_OPTIONS, csv_values, gate_options, int_values
+from phi3_export.cli.options import CALIBRATION_OPTIONS, PRECISION_OPTIONS, TIKTOKEN_OPTION, csv_values, gate_options, int_values
 from phi3_export.errors import Phi3ExportError
 
 
@@ -91,9 +91,10 @@ def chat(artifact, prompt, max_new_tokens):
 @click.option("--coreai-tokens", default=32, show_default=True, type=click.IntRange(min=2),
               help="Tokens of each such window (a prefix of --window; the Linux runtime is single-threaded).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Reference-logit cache (default: ~/.cache/phi3-export/reference).")
+@TIKTOKEN_OPTION
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def validate(path, reference, eval_text, providers, json_path, window, stride, prompt_lengths, new_tokens, runs, threads,
-             no_speed, coreai_windows, coreai_tokens, cache_dir, quiet):
+             no_speed, coreai_windows, coreai_tokens, cache_dir, tiktoken_file, quiet):
     """Measure artifacts against the unquantized checkpoint: accuracy, speed, memory.
 
     PATH is an OUT folder (every artifact in its manifest.json) or one artifact folder.
@@ -124,7 +125,7 @@ def validate(path, reference, eval_text, providers, json_path, window, stride, p
         providers=csv_values(providers), eval_text=eval_text, window=window, stride=stride,
         prompt_lengths=int_values(prompt_lengths, "--prompt-lengths"), new_tokens=new_tokens, runs=runs,
         threads=threads, speed=not no_speed, coreai_windows=coreai_windows,
-        coreai_tokens=coreai_tokens,
+        coreai_tokens=coreai_tokens, tiktoken_file=tiktoken_file,
     )
     if cache_dir:
         options.cache_dir = cache_dir
@@ -196,10 +197,11 @@ def report(records, out, baseline, max_kld_increase, max_ppl_increase_pct, max_s
 @click.option("--runs", default=3, show_default=True, help="Timed runs per speed figure.")
 @click.option("--no-speed", is_flag=True, help="Accuracy only.")
 @gate_options
+@TIKTOKEN_OPTION
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def sweep(checkpoint, recipe, out, methods, block_sizes, symmetric, both_symmetries, targets, bits, accuracy_level, lm_head,
           max_length, calib_text, calib_samples, calib_seqlen, seed, eval_text, runs, no_speed, baseline, max_kld_increase,
-          max_ppl_increase_pct, max_size_increase_pct, min_decode_tps_ratio, quiet):
+          max_ppl_increase_pct, max_size_increase_pct, min_decode_tps_ratio, tiktoken_file, quiet):
     """Quantize -> validate -> report over a grid of methods, block sizes and symmetry.
 
     One command for the accuracy-vs-size picture of a model: every grid point is exported
@@ -223,11 +225,12 @@ def sweep(checkpoint, recipe, out, methods, block_sizes, symmetric, both_symmetr
         raise Phi3ExportError("--both-symmetries: give it or --symmetric/--asymmetric, not both")
     symmetries = (True, False) if both_symmetries else (symmetric,)
     points = grid(csv_values(methods) or (), sizes, symmetries)
-    options = ValidateOptions(eval_text=eval_text, runs=runs, speed=not no_speed)
+    options = ValidateOptions(eval_text=eval_text, runs=runs, speed=not no_speed, tiktoken_file=tiktoken_file)
     overrides = {"max_kld_increase": max_kld_increase, "max_ppl_increase_pct": max_ppl_increase_pct,
                  "max_size_increase_pct": max_size_increase_pct, "min_decode_tps_ratio": min_decode_tps_ratio}
     given = {"bits": int(bits) if bits else None, "accuracy_level": accuracy_level, "lm_head": lm_head, "max_length": max_length,
-             "calib_text": calib_text, "calib_samples": calib_samples, "calib_seqlen": calib_seqlen, "seed": seed}
+             "calib_text": calib_text, "calib_samples": calib_samples, "calib_seqlen": calib_seqlen, "seed": seed,
+             "tiktoken_file": tiktoken_file}
     doc = run_sweep(checkpoint, out, recipe=recipe, points=points, targets=csv_values(targets), validate_options=options,
                     progress=Progress(enabled=not quiet), baseline=baseline, overrides=overrides,
                     quantize_options={k: v for k, v in given.items() if v is not None})

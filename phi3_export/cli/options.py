@@ -52,6 +52,13 @@ PRECISION_OPTIONS = options_group(
 )
 
 
+# A checkpoint without tokenizer.json whose architecture's tokenizer is tiktoken ranks (Phi-3-small).
+TIKTOKEN_OPTION = click.option(
+    "--tiktoken-file", type=click.Path(path_type=Path),
+    help="Phi-3-small without tokenizer.json: tiktoken ranks file to build it from (default: the checkpoint's cl100k_base.tiktoken).",
+)
+
+
 class _Threshold(click.ParamType):
     """A finite number >= 0 (FloatRange lets nan through: every comparison with it is false)."""
 

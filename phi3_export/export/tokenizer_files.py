@@ -1,4 +1,9 @@
-"""Tokenizer and licence files every artifact folder carries, copied from the checkpoint."""
+"""Tokenizer and licence files every artifact folder carries, copied from the checkpoint.
+
+A checkpoint whose tokenizer.json was built from tiktoken ranks (checkpoint/tiktoken.py) gives
+the built tokenizer.json and tokenizer_config.json instead of its own tokenizer files
+(``Checkpoint.tokenizer_files``); the ranks file itself is not copied.
+"""
 
 from __future__ import annotations
 

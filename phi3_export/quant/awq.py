@@ -199,7 +199,7 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, settings: QuantSettings, bits:
 def calibration_tokens(ckpt: Checkpoint, text: str, options: AwqOptions) -> torch.Tensor:
     from tokenizers import Tokenizer
 
-    path = ckpt.folder / "tokenizer.json"
+    path = ckpt.tokenizer_folder / "tokenizer.json"  # the folder's, or one built from tiktoken ranks
     if not path.is_file():
         raise Phi3ExportError(f"{ckpt.folder}: AWQ needs tokenizer.json to tokenize the calibration text")
     ids = torch.tensor(Tokenizer.from_file(str(path)).encode(text).ids, dtype=torch.long)

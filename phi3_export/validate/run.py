@@ -72,6 +72,7 @@ class ValidateOptions:
     coreai_windows: int = 1
     coreai_tokens: int = 32
     cache_dir: Path = field(default_factory=default_cache_dir)
+    tiktoken_file: Path | None = None  # the reference's tokenizer, where it has no tokenizer.json (--tiktoken-file)
 
 
 class Reference:
@@ -79,10 +80,10 @@ class Reference:
 
     def __init__(self, folder: Path, text: str, text_name: str, options: ValidateOptions):
         self.folder = Path(folder)
-        self.ckpt = Checkpoint(self.folder)
+        self.ckpt = Checkpoint(self.folder, tiktoken_file=options.tiktoken_file)
         self.model = StreamedReference(self.ckpt)
         self.text, self.text_name = text, text_name
-        self.tokenizer = tokenizer_parity.reference_tokenizer(self.folder)
+        self.tokenizer = tokenizer_parity.reference_tokenizer(self.ckpt.tokenizer_folder)  # after StreamedReference built it
         self.ids = list(self.tokenizer(text, add_special_tokens=False).input_ids)
         self.window = min(options.window, len(self.ids) - 1)
         self.stride = min(options.stride or options.window, self.window)
