@@ -256,6 +256,29 @@ class MilProgram:
         x = self._f(x)
         return x / (1.0 + np.exp(-x))
 
+    def op_gelu(self, x, mode="EXACT", **_):
+        if str(mode) != "SIGMOID_APPROXIMATION":
+            raise NotImplementedError(f"MIL gelu mode {mode} is not implemented by this reader")
+        x = self._f(x)
+        return x / (1.0 + np.exp(-1.702 * x))
+
+    def op_minimum(self, x, y, **_):
+        return np.minimum(self._f(x), self._f(y))
+
+    def op_clip(self, x, alpha, beta, **_):
+        return np.clip(self._f(x), self._f(alpha), self._f(beta))
+
+    def op_floor_div(self, x, y, **_):
+        return np.floor_divide(self._f(x), self._f(y))
+
+    def op_layer_norm(self, x, axes, gamma=None, beta=None, epsilon=1e-5, **_):
+        x = self._f(x)
+        axes = tuple(int(a) for a in np.atleast_1d(axes))
+        centred = x - x.mean(axis=axes, keepdims=True)
+        out = centred / np.sqrt((centred * centred).mean(axis=axes, keepdims=True) + np.float32(epsilon))
+        out = out if gamma is None else out * self._f(gamma)
+        return out if beta is None else out + self._f(beta)
+
     def op_tile(self, x, reps, **_):
         return np.tile(x, [int(r) for r in reps])
 

@@ -15,20 +15,19 @@ Interface (the names swift-transformers' ``LanguageModel`` looks for):
 The position of the first new token is ``end - q``: the caller says how many tokens the
 cache already holds through the mask's last dimension. Causality and the sliding window
 are applied inside the program, so an all-zero mask is enough (swift-transformers passes
-zeros). Activations are fp16; RMSNorm runs in fp32, as transformers does, since squares of
-Phi-3's residual stream overflow fp16.
+zeros). Activations are fp16; norms run in fp32, as transformers does, since squares of
+Phi-3's residual stream overflow fp16. The blocks (norms, attention, MLP) are emitted by
+blocks.py, by kind; this module holds what they share (weights, positions, rotary, cache).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
-from phi3_export.arch.plan import Attention, Decoder, Linear, Mlp, Norm
+from phi3_export.arch.plan import Attention, Decoder, Linear
 from phi3_export.arch.rotary import rotary_tables
 from phi3_export.checkpoint.stream import stream_layers
-from phi3_export.errors import Phi3ExportError
+from phi3_export.export.coreml.blocks import BLOCKS, NORMS, lookup
 from phi3_export.export.coreml.contract import CAUSAL_MASK, INPUT_IDS, LOGITS
 from phi3_export.export.coreml.ct import coremltools
 from phi3_export.export.coreml.weights import WeightStore
@@ -42,7 +41,7 @@ from coremltools.converters.mil.mil import get_new_symbol, types
 class DecoderProgram:
     """Emits the decoder's ops into the current MIL builder context, walking the model plan.
 
-    Each block is emitted by the method ``NORMS``/``BLOCKS`` (below the class) hold for its kind.
+    Each block is emitted by the function ``blocks.NORMS``/``blocks.BLOCKS`` hold for its kind.
     """
 
     def __init__(self, weights: WeightStore, decoder: Decoder, context_length: int):
@@ -50,25 +49,20 @@ class DecoderProgram:
         self.tied_table = None
 
     # ---- weights ------------------------------------------------------------------------
-    def weight(self, name: str, op_name: str):
-        """A [rows, cols] weight: int blockwise constexpr if quantized, fp16 const otherwise."""
+    def weight(self, name: str, op_name: str, order: list[int] | None = None):
+        """A [rows, cols] weight: int blockwise constexpr if quantized, fp16 const otherwise; rows in ``order``."""
         if self.weights.qckpt.is_quantized(name):
-            bw = self.weights.blockwise(name)
+            bw = self.weights.blockwise(name, order)
             return mb.constexpr_blockwise_shift_scale(data=bw.data, scale=bw.scale, offset=bw.offset, name=op_name)
-        return mb.const(val=self.weights.float16(name), name=op_name)
+        return mb.const(val=self.weights.float16(name, order), name=op_name)
 
     def linear(self, x, linear: Linear, op_name: str):
-        if linear.bias:
-            bias = mb.const(val=self.weights.float16(linear.bias), name=f"{op_name}_bias")
-            return mb.linear(x=x, weight=self.weight(linear.weight, f"{op_name}_weight"), bias=bias, name=op_name)
-        return mb.linear(x=x, weight=self.weight(linear.weight, f"{op_name}_weight"), name=op_name)
-
-    def rms_norm(self, x, norm: Norm, op_name: str):
-        x32 = mb.cast(x=x, dtype="fp32", name=f"{op_name}_fp32")
-        mean_sq = mb.reduce_mean(x=mb.mul(x=x32, y=x32, name=f"{op_name}_sq"), axes=[-1], keep_dims=True, name=f"{op_name}_mean")
-        inv = mb.rsqrt(x=mean_sq, epsilon=np.float32(norm.eps), name=f"{op_name}_rsqrt")
-        normed = mb.cast(x=mb.mul(x=x32, y=inv, name=f"{op_name}_scaled"), dtype="fp16", name=f"{op_name}_fp16")
-        return mb.mul(x=normed, y=self.weight(norm.weight, f"{op_name}_weight"), name=op_name)
+        """A fused linear's rows (and bias) in parts order, so its output splits into parts by size."""
+        order = linear.row_order()
+        if linear.bias:  # the bias constant first: op order is the package's byte order
+            bias = mb.const(val=self.weights.float16(linear.bias, order), name=f"{op_name}_bias")
+            return mb.linear(x=x, weight=self.weight(linear.weight, f"{op_name}_weight", order), bias=bias, name=op_name)
+        return mb.linear(x=x, weight=self.weight(linear.weight, f"{op_name}_weight", order), name=op_name)
 
     # ---- positions, masks, rotary ------------------------------------------------------------
     def positions(self, ids, mask):
@@ -88,7 +82,7 @@ class DecoderProgram:
             allowed = mb.logical_and(x=allowed, y=mb.less(x=dist, y=np.int32(window)), name="causal_window")
         bias = mb.select(cond=allowed, a=np.float16(0), b=np.float16(-np.inf), name="bias")
         bias = mb.expand_dims(x=bias, axes=[0, 1], name="bias_4d")
-        return mb.add(x=bias, y=mask, name="attention_bias")
+        return mb.add(x=bias, y=mask, name="attention_bias"), keys
 
     def rotary_tables(self, pos, end):
         rotary = self.decoder.rotary
@@ -150,75 +144,60 @@ class DecoderProgram:
         x = mb.tile(x=x, reps=[1, 1, rep, 1, 1], name=f"{op_name}_tile")
         return mb.reshape(x=x, shape=[1, attn.heads, -1, attn.head_dim], name=op_name)
 
-    def dense_attention(self, attn: Attention, h, i: int, shared: dict):
-        p = f"layers_{i}"
-        if attn.qkv is not None:
-            qkv = self.linear(h, attn.qkv, f"{p}_qkv_proj")
-            q, k, v = mb.split(x=qkv, split_sizes=attn.qkv.part_sizes(), axis=-1, name=f"{p}_qkv_split")
-        else:
-            q, k, v = (self.linear(h, lin, f"{p}_{part}_proj") for part, lin in (("q", attn.q), ("k", attn.k), ("v", attn.v)))
-        cos, sin, past, end = shared["cos"], shared["sin"], shared["past"], shared["end"]
-        q = self.rotate(self.heads_first(q, attn.heads, f"{p}_q"), attn.heads, cos, sin, f"{p}_q_rope")
-        k = self.rotate(self.heads_first(k, attn.kv_heads, f"{p}_k"), attn.kv_heads, cos, sin, f"{p}_k_rope")
-        v = self.heads_first(v, attn.kv_heads, f"{p}_v")
-        keys = self.expand_kv(self.cache_update(shared["states"][0], k, i, past, end, f"{p}_key_cache"), attn, f"{p}_keys")
-        values = self.expand_kv(self.cache_update(shared["states"][1], v, i, past, end, f"{p}_value_cache"), attn, f"{p}_values")
-        out = mb.scaled_dot_product_attention(query=q, key=keys, value=values, attn_mask=shared["bias"], name=f"{p}_attention")
-        out = mb.reshape(x=mb.transpose(x=out, perm=[0, 2, 1, 3], name=f"{p}_attention_t"), shape=[1, -1, attn.heads * attn.head_dim],
-                         name=f"{p}_attention_merged")
-        return self.linear(out, attn.o, f"{p}_o_proj")
-
-    def swiglu_mlp(self, mlp: Mlp, h, i: int, _shared: dict):
-        p = f"layers_{i}"
-        gate_up = self.linear(h, mlp.gate_up, f"{p}_gate_up_proj")
-        gate, up = mb.split(x=gate_up, split_sizes=mlp.gate_up.part_sizes(), axis=-1, name=f"{p}_gate_up_split")
-        act = mb.mul(x=mb.silu(x=gate, name=f"{p}_silu"), y=up, name=f"{p}_mlp_act")
-        return self.linear(act, mlp.down, f"{p}_down_proj")
-
     def layer(self, layer, residual, shared: dict):
         p = f"layers_{layer.index}"
-        h = _lookup(NORMS, layer.attn_norm.kind)(self, residual, layer.attn_norm, f"{p}_{layer.attn_norm.module}")
-        attn = _lookup(BLOCKS, layer.attention.kind)(self, layer.attention, h, layer.index, shared)
+        h = lookup(NORMS, layer.attn_norm.kind)(self, residual, layer.attn_norm, f"{p}_{layer.attn_norm.module}")
+        attn = lookup(BLOCKS, layer.attention.kind)(self, layer.attention, h, layer.index, shared)
         residual = mb.add(x=residual, y=attn, name=f"{p}_attn_residual")
-        h = _lookup(NORMS, layer.mlp_norm.kind)(self, residual, layer.mlp_norm, f"{p}_{layer.mlp_norm.module}")
-        return mb.add(x=residual, y=_lookup(BLOCKS, layer.mlp.kind)(self, layer.mlp, h, layer.index, shared),
+        h = lookup(NORMS, layer.mlp_norm.kind)(self, residual, layer.mlp_norm, f"{p}_{layer.mlp_norm.module}")
+        return mb.add(x=residual, y=lookup(BLOCKS, layer.mlp.kind)(self, layer.mlp, h, layer.index, shared),
                       name=f"{p}_mlp_residual")
 
     def embedding(self, ids):
         table = self.weight(self.decoder.embedding, "embed_tokens_weight")
         if self.decoder.tied:
             self.tied_table = table  # one constant: the LM head reads the same codes
-        return mb.gather(x=table, indices=ids, axis=0, name="embed_tokens")
+        scale = self.decoder.embedding_scale
+        if scale == 1.0:
+            return mb.gather(x=table, indices=ids, axis=0, name="embed_tokens")
+        rows = mb.gather(x=table, indices=ids, axis=0, name="embed_tokens_rows")
+        return mb.mul(x=rows, y=np.float16(scale), name="embed_tokens")  # muP (Phi-3-small: x 10)
 
     def lm_head(self, x):
-        if self.decoder.tied:
+        """fp32 logits; the plan's logits scale (muP) and masked ids applied in fp32, after the cast.
+
+        A masked id's logit is float32's lowest, set (select), not added: the value the reference
+        writes. It is an fp32 op on an fp32 tensor, so Core ML keeps it in fp32 (the ANE has no
+        fp32; a compute unit that runs fp16 only hands such an op to the CPU).
+        """
+        d = self.decoder
+        if d.tied:
             logits = mb.linear(x=x, weight=self.tied_table, name="lm_head")
         else:
-            logits = self.linear(x, self.decoder.lm_head, "lm_head")
-        return mb.cast(x=logits, dtype="fp32", name=LOGITS)
+            logits = self.linear(x, d.lm_head, "lm_head")
+        steps = [name for name, wanted in (("logits_scaled", d.logits_scale != 1.0), ("logits_masked", bool(d.masked_ids))) if wanted]
+        names = ["lm_head_fp32", *steps[:-1], LOGITS] if steps else [LOGITS]
+        logits = mb.cast(x=logits, dtype="fp32", name=names[0])
+        if d.logits_scale != 1.0:
+            logits = mb.mul(x=logits, y=np.float32(d.logits_scale), name=names[1])
+        if d.masked_ids:
+            masked = np.zeros(d.vocab, np.bool_)
+            masked[list(d.masked_ids)] = True
+            logits = mb.select(cond=masked, a=np.float32(np.finfo(np.float32).min), b=logits, name=LOGITS)
+        return logits
 
     def build(self, ids, mask, key_cache, value_cache, progress_task=None):
         past, end, pos = self.positions(ids, mask)
-        bias = self.attention_bias(mask, pos, end)
+        bias, keys = self.attention_bias(mask, pos, end)
         cos, sin = self.rotary_tables(pos, end)
-        shared = {"past": past, "end": end, "cos": cos, "sin": sin, "bias": bias, "states": (key_cache, value_cache)}
+        shared = {"past": past, "end": end, "cos": cos, "sin": sin, "bias": bias, "states": (key_cache, value_cache),
+                  "positions": pos, "key_positions": keys}
         x = self.embedding(ids)
         # Each layer's codes live in the scratch files once emitted: unmap its quantized file after it.
         for layer in stream_layers(self.weights.qckpt, self.decoder.layers, progress_task):
             x = self.layer(layer, x, shared)
         final = self.decoder.final_norm
-        return self.lm_head(_lookup(NORMS, final.kind)(self, x, final, "norm"))
-
-
-NORMS: dict[str, Callable] = {"rms": DecoderProgram.rms_norm}
-BLOCKS: dict[str, Callable] = {"dense": DecoderProgram.dense_attention, "swiglu": DecoderProgram.swiglu_mlp}
-
-
-def _lookup(table: dict[str, Callable], kind: str) -> Callable:
-    try:
-        return table[kind]
-    except KeyError:
-        raise Phi3ExportError(f"Core ML export: block kind {kind!r} is not supported yet") from None
+        return self.lm_head(lookup(NORMS, final.kind)(self, x, final, "norm"))
 
 
 def build_program(weights: WeightStore, decoder: Decoder, ctx: int, progress_task=None):

@@ -8,7 +8,9 @@ the program references file-backed pages, and anonymous memory stays at one row 
 
 Codes and zero points are the checkpoint's own (so the ONNX artifact's MatMulNBits holds
 the same values); scales are stored as float16, the precision Core ML's fp16 program
-computes in (float32 in the checkpoint).
+computes in (float32 in the checkpoint). A fused linear whose parts are not contiguous rows
+(Phi-3-small's head-group-major qkv, GEGLU's interleaved gate/linear) is read with its rows
+in the plan's ``row_order()``: codes, scales and zero points move with their row, unchanged.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class WeightStore:
         del out
         return np.load(path, mmap_mode="r")
 
-    def blockwise(self, name: str) -> BlockwiseWeight:
+    def blockwise(self, name: str, order: list[int] | None = None) -> BlockwiseWeight:
+        """The weight's codes, scales and zero points; with ``order``, its rows in that order."""
         from phi3_export.export.coreml.ct import coremltools
 
         coremltools()
@@ -67,6 +70,9 @@ class WeightStore:
             raise Phi3ExportError(f"{name}: {cols} columns is not a whole number of {block}-weight blocks, "
                                   "which constexpr_blockwise_shift_scale needs")
         packed, scales, zeros = self.qckpt.packed(name)
+        if order is not None:
+            index = torch.tensor(order)
+            packed, scales, zeros = packed[index], scales[index], zeros[index]
         step = max(1, ROW_BLOCK_WEIGHTS // cols)
         codes = self._mapped(self._file(name, "data"), (rows, cols), np.uint8,
                              (unpack_codes(packed[r : r + step], bits, cols).numpy() for r in range(0, rows, step)))
@@ -78,8 +84,12 @@ class WeightStore:
         del packed, scales, zeros
         return BlockwiseWeight(codes.view(sub_byte), scale, offset.view(sub_byte), bits)
 
-    def float16(self, name: str) -> np.ndarray:
+    def float16(self, name: str, order: list[int] | None = None) -> np.ndarray:
+        """A float tensor as float16; with ``order``, its rows in that order (read whole: a fused
+        linear's bias, or its weight when a precision override keeps it float)."""
         shape = tuple(self.qckpt.info(name)["shape"])
+        if order is not None:
+            return self._mapped(self._file(name, "fp16"), shape, np.float16, [self.qckpt.float(name, torch.float16)[order].numpy()])
         rows_per_block = max(1, ROW_BLOCK_WEIGHTS // max(1, int(np.prod(shape[1:]))))
         blocks = (b.numpy() for b in self.qckpt.float_row_blocks(name, torch.float16, rows_per_block))
         return self._mapped(self._file(name, "fp16"), shape, np.float16, blocks)
