@@ -47,8 +47,12 @@ def layer_norm(prog, x, norm: Norm, op_name: str):
 
 
 # ---- attention --------------------------------------------------------------------------------
-def attend(prog, attn: Attention, h, i: int, shared: dict, bias):
-    """q/k/v projections, RoPE, the KV cache, attention under the additive ``bias``, o_proj."""
+def attend(prog, attn: Attention, h, i: int, shared: dict, bias, layouts: int = 0):
+    """q/k/v projections, RoPE, the KV cache, attention under the additive ``bias``, o_proj.
+
+    With ``layouts``, ``bias`` is [1, 1, layouts, q, end]: one mask per head layout, broadcast
+    over the heads that share it rather than repeated for each.
+    """
     p = f"layers_{i}"
     if attn.qkv is not None:
         qkv = prog.linear(h, attn.qkv, f"{p}_qkv_proj")  # rows in parts order: q|k|v by size
@@ -64,7 +68,12 @@ def attend(prog, attn: Attention, h, i: int, shared: dict, bias):
         q = mb.mul(x=q, y=np.float16(ratio), name=f"{p}_q_scaled")
     keys = prog.expand_kv(prog.cache_update(shared["states"][0], k, i, past, end, f"{p}_key_cache"), attn, f"{p}_keys")
     values = prog.expand_kv(prog.cache_update(shared["states"][1], v, i, past, end, f"{p}_value_cache"), attn, f"{p}_values")
+    if layouts:  # heads as [heads / layouts, layouts]: head h = a * layouts + h % layouts reads the mask's layout h % layouts
+        q, keys, values = (mb.reshape(x=t, shape=[1, attn.heads // layouts, layouts, -1, attn.head_dim], name=f"{p}_{tag}_by_layout")
+                           for t, tag in ((q, "q"), (keys, "keys"), (values, "values")))
     out = mb.scaled_dot_product_attention(query=q, key=keys, value=values, attn_mask=bias, name=f"{p}_attention")
+    if layouts:
+        out = mb.reshape(x=out, shape=[1, attn.heads, -1, attn.head_dim], name=f"{p}_attention_heads")
     out = mb.reshape(x=mb.transpose(x=out, perm=[0, 2, 1, 3], name=f"{p}_attention_t"), shape=[1, -1, attn.heads * attn.head_dim],
                      name=f"{p}_attention_merged")
     return prog.linear(out, attn.o, f"{p}_o_proj")
@@ -75,13 +84,16 @@ def dense_attention(prog, attn: Attention, h, i: int, shared: dict):
 
 
 def blocksparse_bias(prog, pattern: BlockSparse, heads: int, shared: dict):
-    """[1, heads, q, end] additive: the shared causal bias + which key blocks each head's query block sees.
+    """([1, 1, layouts, q, end] additive mask, layouts): the shared causal bias + which key blocks
+    each head layout's query blocks see (head h uses layout h % layouts).
 
-    One constant holds the pattern: the block mask of the distinct head layouts (head h uses
-    layout h % layouts), [layouts, n_blocks, n_blocks] fp16 of 0 / -inf, n_blocks = context / block.
-    Phi-3-small at an 8192 context: 8 layouts x 128 x 128 x 2 bytes = 256 KiB (a token-level
-    [heads, ctx, ctx] mask would be 4 GiB in fp16). At run time its rows are gathered by the
-    queries' blocks and its columns by the keys' blocks. Built once; every blocksparse layer reads it.
+    One constant holds the pattern: the block mask of the distinct layouts, [layouts, n_blocks,
+    n_blocks] fp16 of 0 / -inf, n_blocks = context / block. Phi-3-small (32 heads, stride 8:
+    8 layouts, blocks of 64) at an 8192 context: 8 x 128 x 128 x 2 bytes = 256 KiB, where a
+    token-level [heads, ctx, ctx] mask would be 4 GiB in fp16. At run time its rows are
+    gathered by the queries' blocks and its columns by the keys' blocks: [layouts, q, end] fp16,
+    a quarter of a per-head mask (decode: 8 x 8192 x 2 = 128 KiB; a 2048-token prefill at a
+    2048 context: 64 MiB). Built once; every blocksparse layer reads it.
     """
     key = ("blocksparse", pattern, heads)
     if key in shared:
@@ -94,18 +106,17 @@ def blocksparse_bias(prog, pattern: BlockSparse, heads: int, shared: dict):
     query_blocks = mb.floor_div(x=shared["positions"], y=block, name="blocksparse_query_blocks")
     key_blocks = mb.floor_div(x=shared["key_positions"], y=block, name="blocksparse_key_blocks")
     rows = mb.gather(x=table, indices=query_blocks, axis=1, name="blocksparse_rows")  # [layouts, q, n_blocks]
-    bias = mb.gather(x=rows, indices=key_blocks, axis=2, name="blocksparse_layouts")  # [layouts, q, end]
-    bias = mb.expand_dims(x=bias, axes=[0], name="blocksparse_layouts_4d")
-    if layouts < heads:
-        bias = mb.tile(x=bias, reps=[1, heads // layouts, 1, 1], name="blocksparse_heads")
-    shared[key] = mb.add(x=shared["bias"], y=bias, name="blocksparse_bias")
+    mask = mb.gather(x=rows, indices=key_blocks, axis=2, name="blocksparse_layouts")  # [layouts, q, end]
+    mask = mb.add(x=shared["bias"], y=mask, name="blocksparse_bias_4d")  # [1, layouts, q, end]
+    shared[key] = (mb.expand_dims(x=mask, axes=[1], name="blocksparse_bias"), layouts)
     return shared[key]
 
 
 def blocksparse_attention(prog, attn: Attention, h, i: int, shared: dict):
     if attn.blocksparse is None:
         raise Phi3ExportError(f"layer {i}: blocksparse attention without its pattern in the plan")
-    return attend(prog, attn, h, i, shared, blocksparse_bias(prog, attn.blocksparse, attn.heads, shared))
+    bias, layouts = blocksparse_bias(prog, attn.blocksparse, attn.heads, shared)
+    return attend(prog, attn, h, i, shared, bias, layouts)
 
 
 # ---- MLPs -------------------------------------------------------------------------------------
