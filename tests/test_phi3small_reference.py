@@ -248,8 +248,6 @@ def test_rotary_base_is_rope_embedding_base():
     torch.testing.assert_close(sin[0], torch.cat([angles.sin()] * 2, -1))
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint/config.py rope_settings prefers rope_theta (and defaults to 1e4) over "
-                   "Phi-3-small's rope_embedding_base (default 1e6)")
 @pytest.mark.parametrize("config", [{**CONFIG, "rope_theta": 10000.0}, {k: v for k, v in CONFIG.items() if k != "rope_embedding_base"}],
                          ids=["with-rope-theta", "without-base"])
 def test_plan_rotary_base_is_rope_embedding_base(config):
@@ -383,7 +381,7 @@ def test_fixture_is_a_phi3_small_checkpoint(small_fixture):
     assert split["pattern"]["Regex"] == CL100K_PATTERN and byte_level["type"] == "ByteLevel" and not byte_level["use_regex"]
     assert {t["content"] for t in spec["added_tokens"]} == {"<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"}
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
-    assert text == "<|user|>\nHi<|end|>\n<|assistant|>\n"
+    assert text == "<|endoftext|><|user|>\nHi<|end|>\n<|assistant|>\n"  # the published template starts with bos
     if recipe.endswith("128k"):
         assert config["max_position_embeddings"] == 131072 and config["rope_scaling"]["type"] == "su"
         assert config["rope_scaling"]["original_max_position_embeddings"] == 8192 and len(config["rope_scaling"]["long_factor"]) == 8
@@ -395,14 +393,12 @@ def test_fixture_is_a_phi3_small_checkpoint(small_fixture):
     assert 0.1 < float(logits[..., : len(tokenizer)].std(-1).mean()) < 5  # random weights: logits neither flat nor peaked
 
 
-def test_fixture_trains(small_fixture):
+def test_fixture_trains(fixture_dir):
     from phi3_export.fixtures.phi3small import _Trainable
     from phi3_export.fixtures.tiny import _train, training_text
     from phi3_export.fixtures.tokenizer import load_tokenizer
 
-    recipe, folder = small_fixture
-    if recipe.endswith("128k"):
-        pytest.skip("one recipe is enough: the training path is the same")
+    folder = fixture_dir("phi-3-small-8k")  # one recipe is enough: the training path is the same
     model, _ = _fixture_model(folder)
     tokenizer = load_tokenizer(folder)
     ids = torch.tensor(tokenizer(training_text(tokenizer)).input_ids[:4 * 128]).view(4, 128)

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import tiktoken  # the dev extra installs it (pyproject.toml); the package itself does not need it
 from click.testing import CliRunner
 
 from phi3_export.arch.phi3small import PUBLISHED_DUMMY_IDS
@@ -24,8 +25,6 @@ from phi3_export.cli import main
 from phi3_export.errors import Phi3ExportError
 from phi3_export.fixtures.corpus import corpus_text
 from phi3_export.validate import tokenizer_parity
-
-tiktoken = pytest.importorskip("tiktoken")
 
 VARIED = [
     "def mean(xs: list[float]) -> float:\n    return sum(xs) / len(xs)  # 3.14159\n\n\nprint(mean([1, 2, 3]))\n",
@@ -232,7 +231,6 @@ def ranks_checkpoint(fixture_dir, tmp_path) -> Path:
     instead (its own vocabulary as ranks, cut to leave room for the 96 special tokens)."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    pytest.importorskip("phi3_export.fixtures.phi3small")
     folder = shutil.copytree(fixture_dir("phi-3-small-8k"), tmp_path / "ckpt")
     vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
     keep = json.loads((folder / "config.json").read_text())["vocab_size"] - 96

@@ -15,6 +15,7 @@ Facts: shared/reference/family-next.md; semantics in arch/phi3small_layer.py.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, ClassVar
 
@@ -38,6 +39,11 @@ def _dims(config: dict[str, Any]) -> dict[str, Any]:
     return {"hidden": hidden, "heads": heads, "kv_heads": config.get("num_key_value_heads") or heads,
             "head_dim": hidden // heads, "inter": intermediate_size(config),
             "eps": float(config.get("layer_norm_epsilon") or 1e-5)}
+
+
+def rope_base(config: dict[str, Any]) -> float:
+    """RoPE base: ``rope_embedding_base`` (published default 1e6); a ``rope_theta`` key is not read."""
+    return float(config.get("rope_embedding_base") or 1e6)
 
 
 def blocksparse_of(config: dict[str, Any]) -> BlockSparse:
@@ -94,7 +100,7 @@ class Phi3Small(Architecture):
             num_layers=config["num_hidden_layers"], hidden_size=d["hidden"], num_heads=d["heads"], num_kv_heads=d["kv_heads"],
             head_dim=d["head_dim"], intermediate_size=d["inter"], vocab_size=config["vocab_size"], context_length=ctx,
             original_context_length=rope.get("original_max_position_embeddings") or config.get("original_max_position_embeddings") or ctx,
-            rope={"kind": rope["kind"], "theta": rope["theta"], "partial_rotary_factor": rope["partial_rotary_factor"]},
+            rope={"kind": rope["kind"], "theta": rope_base(config), "partial_rotary_factor": rope["partial_rotary_factor"]},
             sliding_window="none", tie_word_embeddings=tied(config), tokenizer=tokenizer_kind,
             blocksparse={"block_size": bs.block, "num_local_blocks": bs.local_blocks, "vert_stride": bs.vert_stride,
                          "homo_head_pattern": bs.homo_head, "dense_attention_every_n_layers": dense_every(config) or 0}
@@ -159,7 +165,7 @@ class Phi3Small(Architecture):
             embedding=embedding, layers=tuple(cls.layer(config, i) for i in range(config["num_hidden_layers"])),
             final_norm=Norm("layer", "model.final_layernorm.weight", d["eps"], bias="model.final_layernorm.bias"),
             lm_head=Linear(embedding if is_tied else "lm_head.weight", "lm_head", (vocab, d["hidden"])), tied=is_tied,
-            rotary=rotary_of(config, d["head_dim"], mscales),
+            rotary=dataclasses.replace(rotary_of(config, d["head_dim"], mscales), theta=rope_base(config)),
             embedding_scale=float(embedding_scale) if embedding_scale and embedding_scale > 0 else 1.0,
             logits_scale=1.0 / float(width) if width else 1.0,
             masked_ids=masked_ids(config),

@@ -27,8 +27,7 @@ def rope_settings(config: dict[str, Any]) -> dict[str, Any]:
     kind = merged.get("rope_type") or merged.get("type") or "default"
     if kind == "su":
         kind = "longrope"
-    # Phi-3-small spells the RoPE base rope_embedding_base.
-    theta = _first(merged.get("rope_theta"), config.get("rope_theta"), config.get("rope_embedding_base"), 10000.0)
+    theta = _first(merged.get("rope_theta"), config.get("rope_theta"), 10000.0)
     partial = _first(merged.get("partial_rotary_factor"), config.get("partial_rotary_factor"), 1.0)
     return {
         "kind": kind,
