@@ -118,6 +118,40 @@ def test_int4_weights_are_the_quantizers_codes_in_parts_order(exported):
     assert permuted == 2 * len(plan.decoder.layers)  # qkv and up_proj of every layer
 
 
+def test_int4_weights_and_biases_are_the_onnx_artifacts(exported):
+    """The same bytes as the ONNX artifact's MatMulNBits (which permutes rows the same way): codes and
+    zero points identical, scales and biases its float32 values rounded to float16."""
+    import onnx
+    from onnx import numpy_helper
+
+    out = exported("phi-3-small-8k", bits=4, formats=("onnx", "coreml"), targets=("cpu",), symmetric=False, max_length=CONTEXT)
+    model = onnx.load(out / "onnx-cpu" / "model.onnx")
+    init = {t.name: numpy_helper.to_array(t, base_dir=str(out / "onnx-cpu")) for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    program = MilProgram(out / PACKAGE)
+    consts = {op.outputs[0].name: op for op in program.block.operations if op.type == "const"}
+    coreml = _coreml_weights(out / PACKAGE)
+    paths = {"qkv_proj": "attn/qkv_proj", "o_proj": "attn/o_proj", "gate_up_proj": "mlp/up_proj", "down_proj": "mlp/down_proj"}
+    checked = 0
+    for key, (data, offset, scale) in coreml.items():
+        if key == "embed_tokens":  # the tied table: one constant for the lookup and the LM head, as in ONNX
+            path = "/lm_head"
+        else:
+            layer, proj = key.removeprefix("layers_").split("_", 1)
+            path = f"/model/layers.{layer}/{paths[proj]}"
+        node = nodes[f"{path}/MatMulNBits"]
+        codes, scales, zp = (np.array(init[node.input[k]]) for k in (1, 2, 3))
+        rows, cols = data.shape
+        assert np.array_equal(data, unpack_codes(torch.from_numpy(codes.reshape(rows, -1).copy()), 4, cols).numpy()), key
+        assert np.array_equal(offset, unpack_codes(torch.from_numpy(zp.copy()), 4, scale.shape[1]).numpy().reshape(offset.shape)), key
+        assert np.array_equal(scale, scales.reshape(scale.shape).astype(np.float16)), key
+        if key != "embed_tokens":
+            bias = program.value(consts[f"{key}_bias"].attributes["val"], "fp16")
+            assert np.array_equal(bias, init[nodes[f"{path}/Add"].input[1]].astype(np.float16)), key
+        checked += 1
+    assert checked == 4 * 2 + 1  # 4 linears x 2 layers + the tied table
+
+
 def test_two_exports_are_byte_identical(fixture_dir, tmp_path):
     from phi3_export.api import quantize
 
@@ -126,3 +160,20 @@ def test_two_exports_are_byte_identical(fixture_dir, tmp_path):
         manifest = quantize(fixture_dir("phi-3-small-8k"), tmp_path / f"out{k}", bits=4, formats=("coreml",), max_length=CONTEXT)
         digests.append({f["path"]: f["sha256"] for a in manifest["artifacts"] for f in a["files"]})
     assert digests[0] == digests[1] and any(p.endswith("weight.bin") for p in digests[0])
+
+
+def test_validate_reports_program_accuracy_next_to_onnx(fixture_dir, exported, tmp_path):
+    from phi3_export.progress import Progress
+    from phi3_export.validate.run import ValidateOptions, failed_checks, validate_artifacts
+
+    fixture = fixture_dir("phi-3-small-8k", train_steps=150)
+    out = exported("phi-3-small-8k", fixture_kwargs={"train_steps": 150}, bits=4, formats=("onnx", "coreml"), targets=("cpu",),
+                   max_length=CONTEXT)
+    result = validate_artifacts(out, fixture, ValidateOptions(window=128, speed=False, chat_prompts=("Hi",),
+                                                              cache_dir=tmp_path / "cache"), Progress(enabled=False))
+    records = {(r["format"], r["provider"]): r for r in result["records"]}
+    program, onnx_cpu = records[("coreml", "mil-reader")], records[("onnx", "cpu")]
+    assert not failed_checks(result)
+    assert program["status"] == "ok" and 0 < program["accuracy"]["kld_mean"] < 0.05
+    # Same codes as the ONNX artifact: the two accuracies agree closely (fp16 vs fp32 activations apart).
+    assert abs(program["accuracy"]["kld_mean"] - onnx_cpu["accuracy"]["kld_mean"]) < 0.2 * onnx_cpu["accuracy"]["kld_mean"]
