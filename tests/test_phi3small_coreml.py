@@ -177,3 +177,26 @@ def test_validate_reports_program_accuracy_next_to_onnx(fixture_dir, exported, t
     assert program["status"] == "ok" and 0 < program["accuracy"]["kld_mean"] < 0.05
     # Same codes as the ONNX artifact: the two accuracies agree closely (fp16 vs fp32 activations apart).
     assert abs(program["accuracy"]["kld_mean"] - onnx_cpu["accuracy"]["kld_mean"]) < 0.2 * onnx_cpu["accuracy"]["kld_mean"]
+
+
+def test_128k_long_factor_tables_are_the_references(exported):
+    """Past 8192 tokens (too long for the numpy reader here) every position takes the long factors and
+    the published mscale: the program's long tables hold the reference's values. The switch itself
+    (on the cache's end position) is the Phi-3-mini-128k program's, tested past 4096 in test_coreml."""
+    from phi3_export.arch.phi3small_layer import rotary_embedding
+
+    out = _export(exported, "phi-3-small-128k")
+    q = QuantizedCheckpoint(out / "quantized")
+    program = MilProgram(out / PACKAGE)
+    ops = {o.name: op for op in program.block.operations for o in op.outputs}
+    original = q.config["rope_scaling"]["original_max_position_embeddings"]
+    # Positions 0..CONTEXT-1 in long mode: the reference picks the mode from the longest position.
+    long_mode = [t[0, :CONTEXT].numpy() for t in rotary_embedding(q.config, torch.cat([torch.arange(CONTEXT), torch.tensor([original])]))]
+    short_mode = [t[0].numpy() for t in rotary_embedding(q.config, torch.arange(CONTEXT))]
+    assert np.abs(long_mode[0] - short_mode[0]).max() > 0.01  # the two factor sets differ on these positions
+    for kind, tables in (("long", long_mode), ("short", short_mode)):
+        for part, want in zip(("cos", "sin"), tables):
+            gather = ops[ops[f"rope_{part}_{kind}"].inputs["x"].arguments[0].name]
+            got = program.value(program.consts[gather.inputs["x"].arguments[0].name].attributes["val"], "fp32")
+            assert got.shape == (CONTEXT, want.shape[1] // 2)  # halves: the program rotates halves
+            assert np.abs(got - want[:, : got.shape[1]]).max() < 1e-3, (kind, part)  # fp16 rounding of values <= mscale
