@@ -30,14 +30,15 @@ class BlockSparse:
     def head_step(self, heads: int) -> int:
         return max(1, self.vert_stride // heads)
 
-    def block_mask(self, heads: int, n_blocks: int) -> np.ndarray:
-        """[heads, n_blocks (query), n_blocks (key)] bool: which key blocks each query block sees."""
+    def block_mask(self, heads: int, n_blocks: int, only: int | None = None) -> np.ndarray:
+        """[heads, n_blocks (query), n_blocks (key)] bool: which key blocks each query block sees
+        (with ``only``: the first ``only`` heads' patterns of a model of ``heads`` heads)."""
         q = np.arange(n_blocks)[:, None]
         k = np.arange(n_blocks)[None, :]
         causal_local = (q >= k) & (q - k < self.local_blocks)
         step = self.head_step(heads)
         masks = []
-        for h in range(heads):
+        for h in range(heads if only is None else only):
             offset = 0 if self.homo_head else h * step
             stripes = ((np.arange(n_blocks) + offset + 1) % self.vert_stride == 0)[None, :]
             masks.append(causal_local | ((q >= k) & stripes))
@@ -65,7 +66,7 @@ class BlockSparse:
         onnxruntime's SparseAttention layout: head h uses layout ``h % layouts``.
         """
         n_layouts = self.layouts(heads)
-        mask = self.block_mask(heads, n_blocks)[:n_layouts]
+        mask = self.block_mask(heads, n_blocks, only=n_layouts)  # 32 heads x 2048 blocks would be 134 MB
         rows = np.zeros((n_layouts, n_blocks + 1), np.int32)
         rows[:, 1:] = np.cumsum(mask.sum(axis=2), axis=1)
         width = int(rows[:, -1].max())
