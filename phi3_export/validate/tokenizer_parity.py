@@ -33,11 +33,23 @@ PASSED = "ids and chat template identical"
 
 
 def reference_tokenizer(checkpoint: Path):
+    import warnings
+
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     # tokenizer.json / tokenizer_config.json only: no remote code, no pickled vocab. The eval
     # text is tokenized whole and cut into windows, so no length limit applies here.
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), trust_remote_code=False)
+    # AutoTokenizer also reads config.json: a model type transformers lacks (phi3small) or a
+    # published rope_scaling key makes it warn about the model, which is not loaded here.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), trust_remote_code=False)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     tokenizer.model_max_length = 1 << 62
     return tokenizer
 
