@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_full import (  # noqa: E402  (benchmarks/ on the path above)
+from bench_full import (
     GB,
     bytes_per_decoded_token,
     checkpoint_gb,
@@ -41,10 +41,10 @@ from bench_full import (  # noqa: E402  (benchmarks/ on the path above)
     speed,
 )
 
-from phi3_export.fixtures.full_size import parameter_count  # noqa: E402
-from phi3_export.machine import machine  # noqa: E402
-from phi3_export.recipes import load_recipe  # noqa: E402
-from phi3_export.versions import library_versions, tool_version  # noqa: E402
+from phi3_export.fixtures.full_size import parameter_count
+from phi3_export.machine import machine
+from phi3_export.recipes import load_recipe
+from phi3_export.versions import library_versions, tool_version
 
 RECIPE = "phi-3-small-8k"
 PEAK_ANON_TARGET_MB = 3000
