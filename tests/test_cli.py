@@ -138,7 +138,10 @@ def test_fixture_command(tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "fx" / "config.json").read_text())
     assert config["num_hidden_layers"] == 1 and config["phi3_export_fixture"]["recipe"] == "phi-3-medium-4k"
-    assert _run("fixture", "--recipe", "phi-3-vision-128k", "--out", tmp_path / "vision").exit_code == 2
+    unknown = tmp_path / "llama.yaml"
+    unknown.write_text((recipes_dir() / "phi-3-mini-4k.yaml").read_text().replace("Phi3ForCausalLM", "LlamaForCausalLM"))
+    refused = _run("fixture", "--recipe", unknown, "--out", tmp_path / "llama")
+    assert refused.exit_code == 2 and "unknown architecture 'LlamaForCausalLM'" in refused.output
 
 
 def test_int8_weights_at_fp32_compute_warn_about_cpu_speed(fixture_dir, tmp_path):
@@ -180,7 +183,7 @@ def test_recipe_typo_gets_a_suggestion_and_mismatches_list_every_field(fixture_d
     result = _run("recipes", "show", "phi-3-mini-4")
     assert result.exit_code == 2 and "did you mean 'phi-3-mini-4k'?" in result.output
     shown = _run("recipes", "show", "phi-3-vision-128k").output
-    assert shown.startswith("# Phi3VForCausalLM: not supported yet: ")
+    assert shown.startswith("# Phi3VForCausalLM: supported")
     from phi3_export.arch import architecture
     from phi3_export.checkpoint import Checkpoint
     from phi3_export.checkpoint.check import check_recipe

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from phi3_export.arch.blocksparse import BlockSparse
+
+if TYPE_CHECKING:
+    from phi3_export.arch.vision import ImageEmbedding
 
 
 @dataclass(frozen=True)
@@ -337,3 +340,5 @@ class ModelPlan:
     refused_formats: dict[str, str] = field(default_factory=dict)
     # Checkpoint tensors the plan does not read and that are no error (each declared with its reason).
     ignorable: tuple[str, ...] = ()
+    # Image + text models (arch/vision.py): the image embedding; the decoder then takes inputs_embeds.
+    image: ImageEmbedding | None = None

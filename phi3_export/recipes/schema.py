@@ -137,6 +137,16 @@ class CoreAIOptions(Strict):
     precision: Literal["float16", "float32"] = "float16"
 
 
+class VisionOptions(Strict):
+    """Image models (Phi-3-vision): the image encoder's export settings."""
+
+    # HD sub-crops per image (the published preprocessor_config.json: 16 for Phi-3-vision, 4 for
+    # Phi-3.5-vision); written to the artifact's processor_config.json.
+    num_crops: int = Field(default=16, gt=0, le=64)
+    # Weights of vision.onnx: float (fp32 / fp16) by default, or block-wise int8 / int4 MatMulNBits.
+    precision: Precision = "fp32"
+
+
 class Export(Strict):
     targets: list[Target] = Field(default_factory=lambda: ["cpu"], min_length=1)
     # Generation max_length written to genai_config: the KV cache is sized from it.
@@ -144,6 +154,7 @@ class Export(Strict):
     target_options: dict[Target, TargetOptions] = Field(default_factory=dict)
     coreml: CoreMLOptions = CoreMLOptions()
     coreai: CoreAIOptions = CoreAIOptions()
+    vision: VisionOptions = VisionOptions()
 
 
 class ReportThresholds(Strict):
