@@ -63,9 +63,14 @@ def test_folding_every_awq_group_leaves_logits_unchanged(fixture_dir):
                            model.state_dict()["model.layers.0.self_attn.query_key_value.weight"])
 
 
-def test_every_command_on_a_trained_fixture(fixture_dir, tmp_path):
-    """quantize (RTN and AWQ; ONNX cpu + mobile and Core ML) -> chat -> validate -> report -> package -> verify."""
-    ckpt = fixture_dir(RECIPE, train_steps=100)
+@pytest.fixture(scope="module")
+def trained(fixture_dir):
+    return fixture_dir(RECIPE, train_steps=100)
+
+
+def test_every_command_on_a_trained_fixture(trained, tmp_path):
+    """quantize (RTN; ONNX cpu + mobile and Core ML) -> chat -> validate -> report -> package -> verify."""
+    ckpt = trained
     out = tmp_path / "out"
     _cli("quantize", "--checkpoint", ckpt, "--out", out, "--format", "onnx,coreml", "--target", "cpu,mobile", "--quiet")
     manifest = json.loads((out / "manifest.json").read_text())
@@ -95,12 +100,25 @@ def test_every_command_on_a_trained_fixture(fixture_dir, tmp_path):
         verified = _cli("verify", bundle)
         assert "verified" in verified.stdout + verified.stderr
 
+
+def test_awq_calibrates_on_what_the_model_sees_and_validates(trained, tmp_path):
+    from phi3_export.checkpoint import Checkpoint
+    from phi3_export.checkpoint.stream import embedded
+
+    # Layer 0's input in AWQ and in validate's reference: the table rows times muP's embedding scale (10).
+    ckpt = Checkpoint(trained)
+    plan = architecture(ckpt.config["architectures"][0]).plan(ckpt.config)
+    ids = torch.tensor([[5, 17, 300]])
+    table = ckpt.tensor(plan.decoder.embedding)
+    assert plan.decoder.embedding_scale == 10.0
+    torch.testing.assert_close(embedded(ckpt, plan.decoder, ids), table[ids] * 10.0)
+
     awq = tmp_path / "awq"
-    _cli("quantize", "--checkpoint", ckpt, "--out", awq, "--method", "awq", "--calib-samples", "8", "--quiet")
-    validated = _cli("validate", awq, "--reference", ckpt, "--no-speed", "--json", tmp_path / "awq.json", check=False)
+    _cli("quantize", "--checkpoint", trained, "--out", awq, "--method", "awq", "--calib-samples", "8", "--quiet")
+    validated = _cli("validate", awq, "--reference", trained, "--no-speed", "--json", tmp_path / "awq.json", check=False)
     assert validated.returncode == 0, validated.stdout[-3000:]
-    alphas = json.loads((awq / "manifest.json").read_text())
-    assert "awq" in json.dumps(alphas)
+    record = json.loads((tmp_path / "awq.json").read_text())["records"][0]
+    assert record["settings"]["method"] == "awq" and record["accuracy"]["kld_mean"] < 0.02
 
 
 def _with_config(folder, tmp_path, **changes):
@@ -108,6 +126,7 @@ def _with_config(folder, tmp_path, **changes):
     shutil.copytree(folder, broken)
     config = json.loads((broken / "config.json").read_text())
     config.update(changes)
+    config = {k: v for k, v in config.items() if v is not None}
     (broken / "config.json").write_text(json.dumps(config))
     return broken
 
@@ -118,6 +137,8 @@ def _with_config(folder, tmp_path, **changes):
     ({"blocksparse_homo_head_pattern": True}, (), "model.blocksparse.homo_head_pattern is False in the recipe but True"),
     ({"rope_position_scale": 2.0}, (), "rope_position_scale: must be 1.0 for Phi3SmallForCausalLM"),
     ({}, ("--format", "coreai"), "--format coreai: not available for Phi3SmallForCausalLM"),
+    # Not a fixture of the recipe any more: dimensions are checked too, the block settings among them.
+    ({"phi3_export_fixture": None, "blocksparse_vert_stride": 5}, (), "model.blocksparse.vert_stride 8 vs 5"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(changes, flags, message, fixture_dir, tmp_path):
     ckpt = _with_config(fixture_dir(RECIPE), tmp_path, **changes)

@@ -210,12 +210,15 @@ def test_export_memory_flat_in_layer_count(tmp_path):
     from phi3_export.fixtures.tiny import make_fixture
     from phi3_export.recipes import load_recipe
 
+    # 2 vs 16 layers, the lowest peak of two runs each (tests/conftest.py WIDE says why: the peak
+    # varies by ~45 MB from run to run; keeping every written int4 byte shows as ~1.5x at this depth).
     peaks = {}
-    for layers in (2, 8):
+    for layers in (2, 16):
         checkpoint = tmp_path / f"ckpt{layers}"
         make_fixture(load_recipe(RECIPE), checkpoint, layers=layers, hidden=1024, dtype=torch.bfloat16)
-        result = run_measured([sys.executable, "-m", "phi3_export", "quantize", "--checkpoint", str(checkpoint), "--out",
-                               str(tmp_path / f"out{layers}"), "--target", "cpu", "--quiet"], interval_s=0.005)
-        assert result.returncode == 0, result.stderr
-        peaks[layers] = result.peak_rss_anon_mb
-    assert peaks[8] <= 1.3 * peaks[2], peaks
+        for run in range(2):
+            result = run_measured([sys.executable, "-m", "phi3_export", "quantize", "--checkpoint", str(checkpoint), "--out",
+                                   str(tmp_path / f"out{layers}-{run}"), "--target", "cpu", "--quiet"], interval_s=0.005)
+            assert result.returncode == 0, result.stderr
+            peaks[layers] = min(peaks.get(layers, float("inf")), result.peak_rss_anon_mb)
+    assert peaks[16] <= 1.3 * peaks[2], peaks

@@ -103,8 +103,7 @@ class Phi3Small(Architecture):
             rope={"kind": rope["kind"], "theta": rope_base(config), "partial_rotary_factor": rope["partial_rotary_factor"]},
             sliding_window="none", tie_word_embeddings=tied(config), tokenizer=tokenizer_kind,
             blocksparse={"block_size": bs.block, "num_local_blocks": bs.local_blocks, "vert_stride": bs.vert_stride,
-                         "homo_head_pattern": bs.homo_head, "dense_attention_every_n_layers": dense_every(config) or 0}
-            if dense_every(config) else None,
+                         "homo_head_pattern": bs.homo_head, "dense_attention_every_n_layers": dense_every(config) or 0},
         )
 
     @classmethod

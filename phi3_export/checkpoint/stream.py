@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from phi3_export.arch.plan import DecoderLayer
+from phi3_export.arch.plan import Decoder, DecoderLayer
 from phi3_export.memory import release_freed_memory
 
 
@@ -34,3 +34,11 @@ def stream_layers(source: Closable, layers: Iterable[DecoderLayer], task=None) -
 def load_tensors(ckpt, names: Iterable[str]) -> dict[str, torch.Tensor]:
     """The named tensors as float32 copies (safe to edit: the shards stay untouched)."""
     return {name: ckpt.tensor(name) for name in names}
+
+
+def embedded(ckpt, decoder: Decoder, tokens: torch.Tensor) -> torch.Tensor:
+    """Layer 0's input for ``tokens`` [n, seq]: the embedding table's rows (only those, never the
+    whole table) times the plan's embedding scale (muP). AWQ's calibration and validate's
+    reference both start here, so neither can see other activations than the exporters' graphs."""
+    x = ckpt.gather_rows(decoder.embedding, tokens)
+    return x * decoder.embedding_scale if decoder.embedding_scale != 1.0 else x

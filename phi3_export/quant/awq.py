@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from phi3_export.arch.plan import DecoderLayer, Norm, ScalingGroup
 from phi3_export.checkpoint.reader import Checkpoint
-from phi3_export.checkpoint.stream import load_tensors, stream_layers
+from phi3_export.checkpoint.stream import embedded, load_tensors, stream_layers
 from phi3_export.errors import Phi3ExportError
 from phi3_export.job import Job
 from phi3_export.quant.qcheckpoint import QuantizedCheckpointWriter
@@ -364,7 +364,7 @@ def awq_quantize_checkpoint(job: Job, out: Path, request: QuantizeRequest) -> Pa
         for stale in out.glob("*.safetensors"):  # a different run's layers: start afresh
             stale.unlink()
         state.clear()
-        x = ckpt.gather_rows(job.plan.decoder.embedding, tokens)  # only the calibration tokens' rows, never the whole table
+        x = embedded(ckpt, job.plan.decoder, tokens)
         check_finite(job.plan.decoder.embedding, x)  # a NaN row would silently void every layer's search
     # Progress within each layer too: at Phi-3-mini width one layer takes minutes.
     with job.progress.task("awq", sum(_layer_steps(layer) for layer in layers[start:])) as task:

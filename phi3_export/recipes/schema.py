@@ -43,8 +43,8 @@ class BlocksparseFacts(Strict):
     num_local_blocks: int | FromCheckpoint = Field(gt=0)
     vert_stride: int | FromCheckpoint = Field(gt=0)
     homo_head_pattern: bool | FromCheckpoint = False
-    # Layers i with (i + 1) % dense_attention_every_n_layers == 0 attend densely.
-    dense_attention_every_n_layers: int | FromCheckpoint = Field(gt=0)
+    # Layers i with (i + 1) % dense_attention_every_n_layers == 0 attend densely (0: none does).
+    dense_attention_every_n_layers: int | FromCheckpoint = Field(ge=0)
 
 
 class ModelFacts(Strict):

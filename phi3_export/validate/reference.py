@@ -21,7 +21,7 @@ import torch
 from phi3_export.arch.plan import Norm
 from phi3_export.checkpoint.check import checked_architecture
 from phi3_export.checkpoint.reader import Checkpoint
-from phi3_export.checkpoint.stream import load_tensors, stream_layers
+from phi3_export.checkpoint.stream import embedded, load_tensors, stream_layers
 
 LM_HEAD_ROWS = 8192  # LM-head rows multiplied at once: 8192 x 3072 fp32 = 100 MB
 
@@ -46,9 +46,7 @@ class StreamedReference:
         """Final-norm hidden states [n, seq, hidden] of equal-length ``sequences`` [n, seq]."""
         arch, ckpt, config, decoder = self.arch, self.ckpt, self.ckpt.config, self.plan.decoder
         extra = arch.calibration_inputs(config, sequences.shape[1])
-        x = ckpt.gather_rows(decoder.embedding, sequences)
-        if decoder.embedding_scale != 1.0:  # muP (Phi-3-small)
-            x = x * decoder.embedding_scale
+        x = embedded(ckpt, decoder, sequences)
         with torch.no_grad():
             for layer in stream_layers(ckpt, decoder.layers):
                 module = arch.loaded_layer(config, layer, load_tensors(ckpt, layer.tensors()))

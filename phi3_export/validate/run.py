@@ -90,7 +90,9 @@ class Reference:
         self.windows = accuracy.windows(len(self.ids), self.window, self.stride)
         self.sha = checkpoint_hash(self.folder, options.cache_dir)
         self.text_sha = hashlib.sha256(text.encode()).hexdigest()
-        self.cache = LogitsCache(options.cache_dir, self.sha, self.text_sha, self.window, self.stride)
+        # The ids, not only the text: the same text gives other ids under another tokenizer (--tiktoken-file).
+        ids_sha = hashlib.sha256(np.asarray(self.ids, np.int64).tobytes()).hexdigest()
+        self.cache = LogitsCache(options.cache_dir, self.sha, f"{self.text_sha}:{ids_sha}", self.window, self.stride)
         self._probes: dict[int, np.ndarray] = {}
 
     def sequences(self) -> list[np.ndarray]:
