@@ -40,8 +40,11 @@ CONTROL_FLOW = {"If", "Loop", "Scan"}
 
 
 class DecoderEmitter:
-    def __init__(self, qckpt: QuantizedCheckpoint, plan: ModelPlan, target: ResolvedTarget, out_dir: Path):
+    def __init__(self, qckpt: QuantizedCheckpoint, plan: ModelPlan, target: ResolvedTarget, out_dir: Path,
+                 data_file: str = "model.onnx.data"):
         self.qckpt, self.plan, self.decoder, self.target = qckpt, plan, plan.decoder, target
+        # An image + text plan: the decoder takes inputs_embeds (embedding.onnx gathers the table).
+        self.inputs_embeds = plan.image is not None
         rotary = self.decoder.rotary
         if (rotary.dim // 2) % 8:
             raise Phi3ExportError(
@@ -54,7 +57,7 @@ class DecoderEmitter:
         self.initializers: list[onnx.TensorProto] = []
         self.consts: dict[str, str] = {}
         self.layouts: dict[tuple, tuple[str, str]] = {}  # blocksparse CSR layouts by (pattern, heads)
-        self.data = ExternalDataWriter(self.out_dir / "model.onnx.data")
+        self.data = ExternalDataWriter(self.out_dir / data_file)
         self.tied_lm_head_inputs: tuple[list[str], dict] | None = None
         self.tied_table: str | None = None
 
@@ -185,7 +188,7 @@ class DecoderEmitter:
         sin = self.node("Where", [use_long, caches["long"][1], caches["short"][1]], "/model/rotary/sin/Where")[0]
         return cos, sin
 
-    def embedding(self) -> str:
+    def embedding(self, ids: str = "input_ids") -> str:
         name, d = self.decoder.embedding, self.decoder
         if self.qckpt.is_quantized(name):
             # Tied: the LM head's MatMulNBits table (4 or 8 bits), gathered row-wise. Zero points
@@ -193,18 +196,24 @@ class DecoderEmitter:
             inputs, attrs = self.matmul_nbits_inputs(name, "lm_head.MatMul", explicit_zero_points=True)
             self.tied_lm_head_inputs = (inputs, attrs)
             flat = self.node("Reshape", [inputs[0], self.const([d.vocab, -1])], "/model/embed_tokens/Reshape")[0]
-            gather_inputs = [flat, "input_ids", inputs[1]] + inputs[2:]
+            gather_inputs = [flat, ids, inputs[1]] + inputs[2:]
             out = self.node("GatherBlockQuantized", gather_inputs, "/model/embed_tokens/GatherBlockQuantized", domain=MS,
                             bits=attrs["bits"], block_size=attrs["block_size"], gather_axis=0, quantize_axis=1)[0]
             if attrs["K"] % attrs["block_size"]:
                 out = self.node("Slice", [out, self.const([0]), self.const([d.hidden]), self.const([-1])], "/model/embed_tokens/Slice")[0]
             return out
         self.tied_table = self.float_param(name)
-        return self.node("Gather", [self.tied_table, "input_ids"], "/model/embed_tokens/Gather")[0]
+        return self.node("Gather", [self.tied_table, ids], "/model/embed_tokens/Gather")[0]
 
     def lm_head(self, x: str, output: str = "logits") -> str:
         if not self.decoder.tied:
             return self.linear(x, self.decoder.lm_head, "/lm_head", output=output)
+        if self.tied_lm_head_inputs is None and self.tied_table is None:  # inputs_embeds: no lookup in this graph
+            name = self.decoder.embedding
+            if self.qckpt.is_quantized(name):
+                self.tied_lm_head_inputs = self.matmul_nbits_inputs(name, "lm_head.MatMul")
+            else:
+                self.tied_table = self.float_param(name)
         if self.tied_lm_head_inputs is not None:
             inputs, attrs = self.tied_lm_head_inputs
             return self.node("MatMulNBits", [x] + inputs, "/lm_head/MatMulNBits", domain=MS, outputs=[output],
@@ -252,8 +261,10 @@ class DecoderEmitter:
         d, io = self.decoder, self.io_onnx
         kv = ["batch_size", d.kv_heads, "past_sequence_length", d.head_dim]
         kv_out = ["batch_size", d.kv_heads, "total_sequence_length", d.head_dim]
+        first = (helper.make_tensor_value_info("inputs_embeds", io, ["batch_size", "sequence_length", d.hidden])
+                 if self.inputs_embeds else helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]))
         inputs = [
-            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+            first,
             helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
         ]
         outputs = [helper.make_tensor_value_info("logits", io, ["batch_size", "sequence_length", d.vocab])]
@@ -271,7 +282,8 @@ class DecoderEmitter:
             # mask_sum: the attention mask's row sums (int64), for blocks that want them (SparseAttention).
             attention_inputs = {"seqlens": seqlens, "total": total, "cos": cos, "sin": sin,
                                 "mask_sum": "/model/attn_mask_reformat/ReduceSum/output_0"}
-            residual, pending = self.scaled_embedding(), None
+            # inputs_embeds come scaled: embedding.onnx applies the embedding scale to text rows.
+            residual, pending = ("inputs_embeds" if self.inputs_embeds else self.scaled_embedding()), None
             for layer in stream_layers(self.qckpt, d.layers, progress_task):  # unmaps each layer's quantized file after it
                 p = f"/model/layers.{layer.index}"
                 h, residual = emitter_for(NORM_EMITTERS, layer.attn_norm.kind)(self, layer.attn_norm, residual, pending, f"{p}/{layer.attn_norm.module}")

@@ -28,7 +28,7 @@ def genai_config(config: dict[str, Any], plan: ModelPlan, target: ResolvedTarget
         if token_id not in eos_ids:
             eos_ids.append(token_id)
     providers = [{name: dict(options)} for name, options in target.providers.items()]
-    return {
+    doc = {
         "model": {
             "bos_token_id": config.get("bos_token_id", 1),
             # The artifact's RoPE tables and KV cache stop at max_length: say so.
@@ -74,6 +74,29 @@ def genai_config(config: dict[str, Any], plan: ModelPlan, target: ResolvedTarget
             "top_k": 1,
             "top_p": 1.0,
         },
+    }
+    if plan.image is not None:
+        add_image_sections(doc, providers)
+    return doc
+
+
+def add_image_sections(doc: dict[str, Any], providers: list) -> None:
+    """onnxruntime-genai's phi3v layout: the decoder takes inputs_embeds; embedding.onnx and vision.onnx
+    (with its processor config) come before it."""
+    model = doc["model"]
+    inputs = model["decoder"]["inputs"]
+    del inputs["input_ids"]
+    inputs["inputs_embeds"] = "inputs_embeds"
+    session = {"log_id": "onnxruntime-genai", "provider_options": providers}
+    model["embedding"] = {
+        "filename": "embedding.onnx", "session_options": session,
+        "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
+        "outputs": {"inputs_embeds": "inputs_embeds"},
+    }
+    model["vision"] = {
+        "filename": "vision.onnx", "config_filename": "processor_config.json", "session_options": session,
+        "inputs": {"pixel_values": "pixel_values", "image_sizes": "image_sizes"},
+        "outputs": {"image_features": "image_features"},
     }
 
 
