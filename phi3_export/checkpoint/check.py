@@ -14,6 +14,7 @@ from typing import Any
 
 from phi3_export.arch import Architecture, architecture
 from phi3_export.arch.plan import ModelPlan
+from phi3_export.arch.vision import ImageEmbedding
 from phi3_export.checkpoint.config import architecture_name, check_config, intermediate_size, rope_settings
 from phi3_export.checkpoint.reader import FLOAT_DTYPES, Checkpoint
 from phi3_export.errors import Phi3ExportError
@@ -77,6 +78,28 @@ def expected_tensors(plan: ModelPlan) -> dict[str, tuple[int, ...]]:
     for norm in norms:
         shapes.update({name: (d.hidden,) for name in norm.tensors()})
     for lin in linears:
+        shapes[lin.weight] = lin.shape
+        if lin.bias:
+            shapes[lin.bias] = (lin.shape[0],)
+    if plan.image is not None:
+        shapes.update(image_tensor_shapes(plan.image))
+    return shapes
+
+
+def image_tensor_shapes(image: ImageEmbedding) -> dict[str, tuple[int, ...]]:
+    """The image embedding's tensors (arch/vision.py) with the shapes its dimensions imply."""
+    enc = image.encoder
+    shapes: dict[str, tuple[int, ...]] = {
+        enc.class_embedding: (enc.hidden,),
+        enc.patch_embedding: (enc.hidden, 3, enc.patch, enc.patch),
+        enc.position_embedding: (enc.grid * enc.grid + 1, enc.hidden),
+        image.sub_separator: (1, 1, 1, image.merged_width),
+        image.global_separator: (1, 1, image.merged_width),
+    }
+    norms = [enc.pre_norm] + [n for layer in enc.layers for n in (layer.norm1, layer.norm2)]
+    for norm in norms:
+        shapes.update({name: (enc.hidden,) for name in norm.tensors()})
+    for lin in [lin for layer in enc.layers for lin in layer.linears()] + list(image.projector):
         shapes[lin.weight] = lin.shape
         if lin.bias:
             shapes[lin.bias] = (lin.shape[0],)
