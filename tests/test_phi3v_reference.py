@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -364,3 +365,26 @@ def test_full_size_parameter_count():
     head = 2 * 4 * d + (text * 4 * d + text) + (text * text + text)
     assert parameter_count(vision) == parameter_count(load_recipe("phi-3-mini-128k")) + tower + head
     assert math.isclose(parameter_count(vision) / 1e9, 4.13, abs_tol=0.01)
+
+
+@pytest.mark.parametrize("block,key,value,message", [
+    ("embd_layer", "hd_transform_order", "glb_sub", "embd_layer.hd_transform_order: 'glb_sub' is not supported"),
+    ("img_processor", "type_feature", "cls_patch", "img_processor.type_feature: 'cls_patch' is not supported"),
+    ("img_processor", "image_dim_out", 32, "img_processor.image_dim_out: 32 is not the image tower's width 64"),
+    ("img_processor", "clip", {"image_size": 224}, "image 224 / patch 14"),
+])
+def test_image_configs_the_plan_does_not_build_are_refused(block, key, value, message):
+    from phi3_export.arch.phi3v import Phi3V
+    from phi3_export.errors import Phi3ExportError
+    from phi3_export.fixtures.phi3v import phi3v_config
+    from phi3_export.fixtures.tiny import fixture_shape
+    from phi3_export.recipes import load_recipe
+
+    recipe = load_recipe("phi-3-vision-128k")
+    config = phi3v_config(recipe, fixture_shape(recipe), 1024, eos=2, bos=1)
+    Phi3V.plan(config)  # as written: accepted
+    if key == "clip":
+        value = {**config[block]["clip"], **value}
+    config[block] = {**config[block], key: value}
+    with pytest.raises(Phi3ExportError, match=re.escape(message)):
+        Phi3V.plan(config)

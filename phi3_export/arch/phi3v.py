@@ -45,7 +45,34 @@ def feature_layer(config: dict[str, Any]) -> int:
     return count
 
 
+# config.json values the published code supports only exactly (it asserts most of them): the
+# runtime's processor hard-codes 336-px crops of 14-px patches, merged 2 x 2 into 144 tokens.
+SUPPORTED = {("embd_layer", "hd_transform_order"): "sub_glb", ("embd_layer", "use_hd_transform"): True,
+             ("embd_layer", "with_learnable_separator"): True, ("embd_layer", "projection_cls"): "mlp",
+             ("img_processor", "type_feature"): "patch", ("img_processor", "num_img_tokens"): 144}
+
+
+def check_image_config(config: dict[str, Any]) -> None:
+    """One line naming the key when config.json asks for an image embedding this plan does not build."""
+    for (block, key), want in SUPPORTED.items():
+        value = (config.get(block) or {}).get(key, want)
+        if value != want:
+            raise Phi3ExportError(f"config.json: {block}.{key}: {value!r} is not supported (the published model uses {want!r})")
+    clip = clip_settings(config)
+    if (clip["image_size"], clip["patch_size"]) != (336, 14):
+        raise Phi3ExportError(f"config.json: img_processor.clip: image {clip['image_size']} / patch {clip['patch_size']}: "
+                              "onnxruntime-genai's image processor makes 336-px crops of 14-px patches")
+    if clip["hidden_size"] % clip["num_attention_heads"]:
+        raise Phi3ExportError(f"config.json: img_processor.clip: {clip['num_attention_heads']} heads do not divide "
+                              f"hidden size {clip['hidden_size']}")
+    dim_out = (config.get("img_processor") or {}).get("image_dim_out", clip["hidden_size"])
+    if dim_out != clip["hidden_size"]:
+        raise Phi3ExportError(f"config.json: img_processor.image_dim_out: {dim_out} is not the image tower's width "
+                              f"{clip['hidden_size']}")
+
+
 def image_embedding(config: dict[str, Any]) -> ImageEmbedding:
+    check_image_config(config)
     clip = clip_settings(config)
     hidden, inter, eps = clip["hidden_size"], clip["intermediate_size"], float(clip["layer_norm_eps"])
     text_hidden = config["hidden_size"]
