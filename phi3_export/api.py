@@ -154,6 +154,19 @@ def _warn_slow_int8(settings: QuantSettings, plan, resolved, progress: Progress)
                          "use --accuracy-level 4 or --lm-head int4 unless you need fp32 compute")
 
 
+def _vision_entry(recipe: Recipe, plan) -> dict:
+    """An image + text artifact's vision settings (its files are in the artifact's ``files``)."""
+    if plan.image is None:
+        return {}
+    from phi3_export.export.onnx.vision import BLOCK
+
+    options = recipe.export.vision
+    quantized = options.precision in ("int4", "int8")
+    return {"vision": {"precision": options.precision, "num_crops": options.num_crops, **({"block_size": BLOCK} if quantized else {}),
+                       "models": {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "model.onnx"},
+                       "processor_config": "processor_config.json"}}
+
+
 def artifact_name(recipe: Recipe, settings: QuantSettings, fmt: str, target: str | None) -> str:
     method = settings.method if settings.quantized else "float"
     return f"{recipe.name}-{method}-{settings.tag}-{fmt}" + (f"-{target}" if target else "")
@@ -251,6 +264,7 @@ def quantize(
                 "max_length": target.max_length, "accuracy_level": target.accuracy_level,
                 "providers": list(target.providers) or ["cpu"],
                 "size_bytes": sum(f["size"] for f in files), "files": files,
+                **_vision_entry(choice.recipe, plan),
             })
         if coreml_context is not None:
             folder = staging / "coreml"
