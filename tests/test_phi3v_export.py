@@ -160,6 +160,21 @@ def test_vision_takes_our_own_crop_count(fp32, reference, images):
     got = _vision(artifact, {"pixel_values": pixel_values, "image_sizes": sizes})
     want = reference(pixel_values, sizes).numpy()
     assert got.shape == (757, want.shape[1]) and float(np.abs(got - want).max()) <= TOL
+    # onnxruntime-genai runs the artifact on such inputs too (our own tensors instead of its processor's).
+    model = og.Model(str(artifact))
+    ids = inputs["input_ids"][0]
+    first = int(np.argmax(ids < 0))
+    ids = np.concatenate([ids[:first], np.full(757, -1, ids.dtype), ids[first + int((ids < 0).sum()):]])[None]
+    named = og.NamedTensors()
+    named["input_ids"], named["pixel_values"], named["image_sizes"] = ids.astype(np.int32), pixel_values, sizes
+    named["num_image_tokens"] = np.array([[757]], np.int64)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=ids.shape[1] + 3, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.set_inputs(named)
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert len(generator.get_sequence(0)) == ids.shape[1] + 3
 
 
 # ---- logits -----------------------------------------------------------------------------------------------------------
@@ -321,6 +336,24 @@ def test_vision_precision_runs_and_its_error(precision, bound, fixture_dir, refe
     print(f"vision {precision}: max |Δ| {delta:.3e} (features up to {np.abs(want).max():.2f}), relative rms {relative:.2e}, "
           f"vision.onnx.data {(artifact / 'vision.onnx.data').stat().st_size} bytes")
     assert relative <= bound
+
+
+def test_dml_vision_computes_in_fp16_close_to_reference(fp32, reference, images, tmp_path):
+    from phi3_export.api import quantize
+
+    folder, cpu_artifact = fp32
+    quantize(folder, tmp_path / "out", bits=4, targets=("dml",))
+    artifact = tmp_path / "out" / "onnx-dml"
+    graph = onnx.load(str(artifact / "vision.onnx"), load_external_data=False).graph
+    assert not {n.op_type for n in graph.node} & {"If", "Loop", "Scan"}  # DirectML graph capture runs no control flow
+    inputs = _processed(cpu_artifact, [images["large"]])
+    session = ort.InferenceSession(str(artifact / "vision.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"pixel_values": inputs["pixel_values"].astype(np.float16), "image_sizes": inputs["image_sizes"]}
+    got = session.run(None, feeds)[0].astype(np.float32)
+    want = reference(inputs["pixel_values"], inputs["image_sizes"]).numpy()
+    relative = float(np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean()))
+    print(f"vision dml (fp16 compute): max |Δ| {float(np.abs(got - want).max()):.3e}, relative rms {relative:.2e}")
+    assert relative <= 0.01
 
 
 # ---- memory ---------------------------------------------------------------------------------------------------------------
