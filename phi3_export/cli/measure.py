@@ -30,24 +30,36 @@ def _chat_artifact(path: Path) -> Path:
 @click.option("--prompt", help="The user message. Without it: an interactive chat on a terminal, else the message from stdin.")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1),
               help="Most tokens generated per answer (greedy).")
-def chat(artifact, prompt, max_new_tokens):
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="An image for an image + text artifact (repeat for several): <|image_1|>, ... go before the prompt "
+                   "unless it has the tags.")
+@click.option("--runtime-processor", is_flag=True,
+              help="Images through onnxruntime-genai's own processor (0.18: always 16 crops) instead of ours "
+                   "(the artifact's crop count, from its processor_config.json).")
+def chat(artifact, prompt, max_new_tokens, images, runtime_processor):
     """Chat with an ONNX artifact through onnxruntime-genai, the runtime apps use.
 
     ARTIFACT is an ONNX artifact folder, or a quantize OUT folder (its cpu artifact is used).
+    With --image (Phi-3-vision artifacts), each image is checked with PIL, HD-transformed
+    with the artifact's own crop count and sent with the prompt; the images stay in the
+    conversation.
 
     \b
     Examples:
       phi3-export chat out/ --prompt "What is a Python list?"
       phi3-export chat out/onnx-mobile                      # interactive: empty line or Ctrl-D ends
       echo "Name three colors." | phi3-export chat out/
+      phi3-export chat out/ --image chart.png --prompt "What does this chart show?"
     """
     from phi3_export.validate.generate import Conversation
 
+    if runtime_processor and not images:
+        raise Phi3ExportError("--runtime-processor: only with --image")
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise Phi3ExportError("chat: no --prompt and nothing on stdin")
-    conversation = Conversation(_chat_artifact(artifact))
+    conversation = Conversation(_chat_artifact(artifact), tuple(images), runtime_processor)
 
     def answer(message: str) -> None:
         result = conversation.reply(message, max_new_tokens)

@@ -39,14 +39,31 @@ def _pick(artifacts: list[Artifact], fmt: str, target: str | None) -> Artifact |
     return next((a for a in artifacts if a.entry.get("format") == fmt and a.entry.get("target") == target), None)
 
 
+def _vision_model(artifacts: list[Artifact]) -> bool:
+    """An image + text model (Phi-3-vision): its ONNX artifacts carry a vision model."""
+    from phi3_export.validate.images import is_vision
+
+    return any(a.entry.get("format") == "onnx" and is_vision(a.genai_config) for a in artifacts)
+
+
 def _choose(src: Path, bundle: BundleTarget, extras: tuple[str, ...]) -> list[tuple[str, Artifact]]:
     artifacts = find_artifacts(src)
     chosen = []
+    required = list(bundle.required)
     for extra in extras:
+        if extra == "onnx" and any(fmt == "onnx" for _, fmt, _ in required):
+            continue  # android: the ONNX artifact is the bundle already
         if extra not in bundle.optional:
             raise Phi3ExportError(f"--with-{extra}: a {bundle.name} bundle has no {extra} artifact "
                                   f"(options: {', '.join('--with-' + k for k in bundle.optional) or 'none'})")
-    wanted = list(bundle.required) + [bundle.optional[extra] for extra in extras]
+    if _vision_model(artifacts):
+        # Core ML / Core AI programs of the image encoder do not exist (the plan refuses them at
+        # quantize): an image + text bundle is the ONNX artifact with its vision and embedding models.
+        required = [entry for entry in required if entry[1] == "onnx"]
+        if not required and "onnx" not in extras:
+            raise Phi3ExportError(f"{src}: an image + text model has no Core ML program (the image encoder has none); "
+                                  f"its {bundle.name} bundle is the ONNX artifact: add --with-onnx")
+    wanted = required + [bundle.optional[extra] for extra in extras if extra in bundle.optional]
     for folder, fmt, target in wanted:
         artifact = _pick(artifacts, fmt, target)
         if artifact is None:
@@ -84,6 +101,17 @@ def _model_facts(folder: str, artifact: Artifact) -> dict:
         facts.update(context_length=artifact.genai_config["model"].get("context_length"), max_length=kv["max_length"],
                      accuracy_level=entry.get("accuracy_level"), providers=entry.get("providers"),
                      kv_cache_bytes_at_max_length=kv["at_max_length"])
+        genai = artifact.genai_config["model"]
+        if "vision" in genai:  # image + text: the three models and the processor config travel together
+            from phi3_export.validate.images import processor_facts
+
+            proc = processor_facts(artifact.folder)
+            facts["image_input"] = {
+                "models": {name: genai[name]["filename"] for name in ("vision", "embedding", "decoder")},
+                "processor_config": genai["vision"].get("config_filename", "processor_config.json"),
+                "num_crops": proc.num_crops, "num_img_tokens": proc.num_img_tokens,
+                "note": "onnxruntime-genai 0.18's own image processor uses 16 crops whatever num_crops says",
+            }
     return facts
 
 

@@ -4,7 +4,8 @@ Meant for app CI before shipping: it names every missing, truncated, altered or 
 pointer file (a ~130-byte text starting ``version https://git-lfs`` where the weights
 should be, what a clone without LFS gives you), then loads what can be loaded here:
 genai_config.json and the tokenizer, the ONNX model through onnxruntime-genai from the
-bundle path, the Core ML package's spec (prediction needs macOS).
+bundle path (an image + text model also answers one image prompt: vision, embedding and
+decoder models and processor_config.json), the Core ML package's spec (prediction needs macOS).
 """
 
 from __future__ import annotations
@@ -88,6 +89,37 @@ def _load_onnx(folder: Path, result: VerifyResult, rel: str) -> None:
         result.checks.append(f"{rel}: onnxruntime-genai opened the model from the bundle path and generated a token")
     except Exception as exc:  # noqa: BLE001 - any load failure is the finding: report it, exit non-zero
         result.problems.append(f"{rel}: onnxruntime-genai could not load it: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        return
+    if "vision" in (read_json(config).get("model") or {}):
+        _image_prompt(og, model, tokenizer, folder, result, rel)
+
+
+def _image_prompt(og, model, tokenizer, folder: Path, result: VerifyResult, rel: str) -> None:
+    """One image prompt (a small generated PNG) through the runtime's own processor, as an app
+    sends it: vision, embedding and decoder run, then decode steps."""
+    import json
+
+    from phi3_export.validate.images import ImagePrompts, sample_image
+
+    try:
+        prompts = ImagePrompts(og, model, folder)
+        text = tokenizer.apply_chat_template(json.dumps([{"role": "user", "content": "<|image_1|>\nWhat is this?"}]),
+                                             add_generation_prompt=True)
+        inputs = prompts.runtime(text, [sample_image(64, 48)])
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=inputs.ids.shape[1] + 3, min_length=inputs.ids.shape[1] + 3)
+        generator = og.Generator(model, params)
+        generator.set_inputs(inputs.tensors)
+        steps = 0
+        while not generator.is_done():
+            generator.generate_next_token()
+            steps += 1
+    except Exception as exc:  # noqa: BLE001 - a missing processor config or a broken vision model is the finding
+        result.problems.append(f"{rel}: an image prompt failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        return
+    result.checks.append(f"{rel}: an image prompt (64x48 PNG, {inputs.image_tokens[0]} image tokens, "
+                         f"{inputs.crops - 1} crop slots from the runtime's processor) ran through vision, embedding and "
+                         f"decoder and decoded {steps} tokens")
 
 
 def _load_coreml(folder: Path, result: VerifyResult, rel: str) -> None:

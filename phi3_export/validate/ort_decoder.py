@@ -7,6 +7,11 @@ kernel checks that they are the same memory, as onnxruntime-genai's
 both input and output (IOBinding), with ``length`` of its rows filled; it grows on demand (up to
 the artifact's max_length), so a short check does not allocate a max_length cache. GroupQueryAttention
 layers in the same graph read the same shared layout.
+
+An image + text artifact's decoder (genai_config with an ``embedding`` section, Phi-3-vision)
+takes ``inputs_embeds``: token ids go through its embedding.onnx first, with no image
+features (``[0, hidden]``, what onnxruntime-genai sends on text-only and decode steps), so
+text-only accuracy runs the same two models the runtime does.
 """
 
 from __future__ import annotations
@@ -48,9 +53,19 @@ class OrtDecoder:
         self.max_length = int(genai["search"]["max_length"])
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads  # 0: ONNX Runtime's default, one per core
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=providers or ["CPUExecutionProvider"])
-        self.dtype = np.float16 if self.session.get_inputs()[2].type == "tensor(float16)" else np.float32
-        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph  # node list only: weights stay on disk
+        providers = providers or ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(folder / cfg.get("filename", "model.onnx")), opts, providers=providers)
+        kv_type = next(i.type for i in self.session.get_inputs() if i.name.startswith("past_key_values."))
+        self.dtype = np.float16 if kv_type == "tensor(float16)" else np.float32
+        embedding = genai["model"].get("embedding")
+        self.embedding = None
+        if embedding:  # the decoder reads inputs_embeds (module docstring)
+            self.embedding = ort.InferenceSession(str(folder / embedding["filename"]), opts, providers=providers)
+            features = next(i for i in self.embedding.get_inputs() if i.name == embedding["inputs"]["image_features"])
+            self._no_features = np.zeros((0, cfg["hidden_size"]),
+                                         np.float16 if features.type == "tensor(float16)" else np.float32)
+            self._embedding_io = embedding
+        graph = onnx.load(str(folder / cfg.get("filename", "model.onnx")), load_external_data=False).graph  # node list only: weights stay on disk
         self.shared_buffer = any(node.op_type in SHARED_BUFFER_OPS for node in graph.node)
 
     def _names(self) -> list[str]:
@@ -65,11 +80,22 @@ class OrtDecoder:
             return SharedCache(self._buffers(batch, min(FIRST_CAPACITY, self.max_length)), 0)
         return self._buffers(batch, 0)
 
+    def token_inputs(self, ids: np.ndarray, image_features: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The decoder's token input: ``input_ids``, or ``inputs_embeds`` through embedding.onnx."""
+        if self.embedding is None:
+            return {"input_ids": np.ascontiguousarray(ids, np.int64)}
+        io = self._embedding_io
+        ids_type = next(i.type for i in self.embedding.get_inputs() if i.name == io["inputs"]["input_ids"])
+        feeds = {io["inputs"]["input_ids"]: np.ascontiguousarray(ids, np.int32 if ids_type == "tensor(int32)" else np.int64),
+                 io["inputs"]["image_features"]: self._no_features if image_features is None
+                 else np.ascontiguousarray(image_features, self._no_features.dtype)}
+        return {"inputs_embeds": self.embedding.run([io["outputs"]["inputs_embeds"]], feeds)[0]}
+
     def step(self, ids: np.ndarray, cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         if isinstance(cache, SharedCache):
             return self._shared_step(ids, cache)
         past = next(iter(cache.values())).shape[2]
-        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((ids.shape[0], past + ids.shape[1]), np.int64), **cache}
+        feeds = {**self.token_inputs(ids), "attention_mask": np.ones((ids.shape[0], past + ids.shape[1]), np.int64), **cache}
         names = [o.name for o in self.session.get_outputs()]
         outs = dict(zip(names, self.session.run(None, feeds)))
         new_cache = {f"past_key_values.{i}.{k}": outs[f"present.{i}.{k}"] for i in range(self.layers) for k in ("key", "value")}
@@ -85,7 +111,9 @@ class OrtDecoder:
                 grown[name][:, :, : cache.length] = old[:, :, : cache.length]
             cache = SharedCache(grown, cache.length)
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, np.int64))
+        tokens = self.token_inputs(ids)  # kept alive until the run ends, like the cache values below
+        for name, value in tokens.items():
+            binding.bind_cpu_input(name, value)
         binding.bind_cpu_input("attention_mask", np.ones((ids.shape[0], total), np.int64))
         binding.bind_output("logits")
         values = []  # kept alive until the run ends: they wrap the numpy buffers without copying

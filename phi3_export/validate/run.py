@@ -28,6 +28,7 @@ from phi3_export.memory import run_measured
 from phi3_export.progress import Progress
 from phi3_export.validate import accuracy, structure, tokenizer_parity
 from phi3_export.validate.cache import LogitsCache, checkpoint_hash, default_cache_dir
+from phi3_export.validate.images import is_vision
 from phi3_export.validate.ort_decoder import OrtDecoder
 from phi3_export.validate.reference import StreamedReference
 from phi3_export.versions import library_versions, tool_version
@@ -239,6 +240,25 @@ def _long_context(decoder: OrtDecoder, artifact: Artifact, ref: Reference) -> li
     return out
 
 
+def _memory(run) -> dict:
+    return {"peak_rss_anon_mb": round(run.peak_rss_anon_mb, 1), "peak_rss_mb": round(run.peak_rss_mb, 1),
+            "note": "speed process only: sampled RssAnon; peak_rss_mb is VmHWM (what ru_maxrss reports)"}
+
+
+def _image_speed(artifact: Artifact, provider: str, options: ValidateOptions) -> dict:
+    """Image encode, TTFT of a one-image prompt and decode after it (validate/vision.py), in a process of its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = Path(tmp) / "image_speed.json"
+        cmd = [sys.executable, "-m", "phi3_export.validate.speed", str(artifact.folder), "--provider", provider, "--image",
+               "--new-tokens", str(options.new_tokens), "--runs", str(options.runs), "--threads", str(options.threads),
+               "--json", str(result_file)]
+        run = run_measured(cmd)
+        if run.returncode:
+            last = (run.stderr.strip().splitlines() or ["no output"])[-1]
+            raise Phi3ExportError(f"{artifact.folder}: image speed run on {provider} failed: {last}")
+        return {**json.loads(result_file.read_text()), "memory": _memory(run)}
+
+
 def _speed(artifact: Artifact, provider: str, ref: Reference, options: ValidateOptions) -> tuple[dict, dict]:
     max_length = artifact.max_length
     lengths = [n for n in options.prompt_lengths if n + options.new_tokens <= max_length]
@@ -257,9 +277,7 @@ def _speed(artifact: Artifact, provider: str, ref: Reference, options: ValidateO
         speed = json.loads(result_file.read_text())
     for n in skipped:
         speed[str(n)] = {"status": "not run", "reason": f"{n} + {options.new_tokens} tokens exceed max_length {max_length}"}
-    memory = {"peak_rss_anon_mb": round(run.peak_rss_anon_mb, 1), "peak_rss_mb": round(run.peak_rss_mb, 1),
-              "note": "speed process only: sampled RssAnon; peak_rss_mb is VmHWM (what ru_maxrss reports)"}
-    return speed, memory
+    return speed, _memory(run)
 
 
 def validate_artifacts(path: Path, reference: Path, options: ValidateOptions, progress: Progress) -> dict:
@@ -304,6 +322,13 @@ def validate_artifacts(path: Path, reference: Path, options: ValidateOptions, pr
         parity = tokenizer_parity.check(artifact.folder, ref.tokenizer, ref.text)
         checks.append({"name": "tokenizer_parity", "passed": parity["passed"],
                        "detail": "ids and chat template identical" if parity["passed"] else parity["detail"]})
+        vision = None
+        if is_vision(artifact.genai_config):  # an image + text artifact: the image checks (validate/vision.py)
+            from phi3_export.validate.vision import validate_vision
+
+            progress.message(f"validate: {artifact.name}: image features, token counts, crops, image-prompt logits")
+            vision_checks, vision = validate_vision(artifact, ref, options.threads)
+            checks += vision_checks
         for provider in _providers_for(artifact, options):
             ep = ORT_PROVIDERS.get(provider, provider)  # a manifest may name one we do not know: "not run" below
             record = {**base, "provider": provider, "execution_provider": ep, "checks": checks, "tokenizer": parity}
@@ -327,6 +352,10 @@ def validate_artifacts(path: Path, reference: Path, options: ValidateOptions, pr
                     task.advance("speed")
                 else:
                     record["speed"] = {"status": "not run", "reason": "--no-speed"}
+                if vision is not None:
+                    image_speed = (_image_speed(artifact, provider, options) if options.speed and vision
+                                   else {"status": "not run", "reason": "--no-speed" if not options.speed else "no image checks"})
+                    record["vision"] = {**vision, "speed": image_speed}
             record["threads"] = options.threads
             records.append({**record, "status": "ok", **common})
             del decoder

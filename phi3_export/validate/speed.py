@@ -47,8 +47,9 @@ def timed_generation(model, prompt: list[int], new_tokens: int) -> dict:
     return {"prefill_tps": len(prompt) / (t1 - t0), "ttft_s": t2 - t0, "decode_tps": steps / (t3 - t2) if steps else None}
 
 
-def measure(artifact: Path, provider: str, prompt_ids: list[int], prompt_lengths: list[int], new_tokens: int, runs: int,
-            threads: int) -> dict:
+def load_model(artifact: Path, provider: str, threads: int):
+    """The artifact in onnxruntime-genai on ``provider``, every model of it (decoder; embedding and
+    vision where it has them) on ``threads`` intra-op threads."""
     import onnxruntime_genai as og
 
     config = og.Config(str(artifact))
@@ -56,8 +57,15 @@ def measure(artifact: Path, provider: str, prompt_ids: list[int], prompt_lengths
     if provider != "cpu":
         config.append_provider(GENAI_PROVIDER[provider])
     if threads:
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-    model = og.Model(config)
+        sections = json.loads((Path(artifact) / "genai_config.json").read_text())["model"]
+        options = {"session_options": {"intra_op_num_threads": threads}}
+        config.overlay(json.dumps({"model": {name: options for name in ("decoder", "embedding", "vision") if name in sections}}))
+    return og.Model(config)
+
+
+def measure(artifact: Path, provider: str, prompt_ids: list[int], prompt_lengths: list[int], new_tokens: int, runs: int,
+            threads: int) -> dict:
+    model = load_model(artifact, provider, threads)
     out = {}
     for length in prompt_lengths:
         prompt = (prompt_ids * (length // max(len(prompt_ids), 1) + 1))[:length]
@@ -77,13 +85,20 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--provider", default="cpu")
-    ap.add_argument("--prompt-ids", type=Path, required=True, help="JSON list of token ids the prompts are cut from")
+    ap.add_argument("--prompt-ids", type=Path, help="JSON list of token ids the prompts are cut from")
     ap.add_argument("--prompt-lengths", default="128,1024")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--image", action="store_true", help="image prompt speed instead (validate/vision.py: image_speed)")
     args = ap.parse_args(argv)
+    if args.image:
+        from phi3_export.validate.vision import image_speed
+
+        model = load_model(args.artifact, args.provider, args.threads)
+        args.json.write_text(json.dumps(image_speed(args.artifact, model, args.threads, args.new_tokens, args.runs)))
+        return
     ids = json.loads(args.prompt_ids.read_text())
     lengths = [int(x) for x in args.prompt_lengths.split(",") if x]
     result = measure(args.artifact, args.provider, ids, lengths, args.new_tokens, args.runs, args.threads)

@@ -47,7 +47,15 @@ def reference_tokenizer(checkpoint: Path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), trust_remote_code=False)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), trust_remote_code=False)
+            except (AttributeError, KeyError, TypeError, ValueError):
+                # A config.json transformers cannot build (phi3_v: no such model type, and its
+                # generic config trips over the rope block): tokenizer.json alone, through the
+                # same tokenizers backend AutoTokenizer picks for Phi-3.
+                from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+                tokenizer = TokenizersBackend.from_pretrained(str(checkpoint))
     finally:
         hf_logging.set_verbosity(verbosity)
     tokenizer.model_max_length = 1 << 62
