@@ -77,6 +77,32 @@ def rotary_of(config: dict[str, Any], head_dim: int, scales: tuple[float, float]
                   long_factor=tuple(rope["long_factor"]), short_scale=short_scale, long_scale=long_scale)
 
 
+def hf_phi3_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json as transformers 5's Phi3Config takes it: RoPE as ``rope_parameters``.
+
+    Published Phi-3 128k files (and Phi-3-vision's) spell LongRoPE ``rope_scaling: {type: su, ...}``
+    with ``original_max_position_embeddings`` at the top level, which Phi3Config refuses; the
+    keys of other parts (the image embedding's blocks, our fixture record) are not its business.
+    """
+    skip = {"phi3_export_fixture", "embd_layer", "img_processor", "auto_map"}
+    keys = {k: v for k, v in config.items() if k not in skip}
+    if config.get("rope_parameters") is not None:  # already transformers 5's layout
+        return keys
+    rope = rope_settings(config)
+    params: dict[str, Any] = {"rope_type": rope["kind"], "rope_theta": rope["theta"],
+                              "partial_rotary_factor": rope["partial_rotary_factor"]}
+    if rope["kind"] == "longrope":
+        ctx = config.get("max_position_embeddings") or 4096
+        params |= {"short_factor": rope["short_factor"], "long_factor": rope["long_factor"],
+                   "original_max_position_embeddings": config.get("original_max_position_embeddings")
+                   or rope.get("original_max_position_embeddings") or ctx}
+        if rope.get("attention_factor") is not None:
+            params["attention_factor"] = rope["attention_factor"]
+    keys.pop("rope_scaling", None)
+    keys.pop("rope_theta", None)
+    return {**keys, "rope_parameters": params}
+
+
 @register
 class Phi3(Architecture):
     names = ("Phi3ForCausalLM",)
@@ -166,7 +192,14 @@ class Phi3(Architecture):
     def _hf_config(cls, config: dict[str, Any]):
         from transformers import Phi3Config
 
-        hf = Phi3Config(**{k: v for k, v in config.items() if k != "phi3_export_fixture"})
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # it advises a `factor` key for LongRoPE: the published files have none
+        try:
+            hf = Phi3Config(**hf_phi3_keys(config))
+        finally:
+            hf_logging.set_verbosity(verbosity)
         hf._attn_implementation = "eager"  # explicit mask below: same numbers on every machine
         return hf
 
