@@ -11,7 +11,7 @@ Not part of CI (needs ~20 GB of disk and ~30 min). JSON to --out (build/bench/be
           blocksparse; 1, 3 dense) and with every layer dense (dense_attention_every_n_layers 1,
           through a copy of the recipe that says so): prefill tok/s and time to first token at
           --prompt-lens (1k, 4k), decode tok/s after them, through onnxruntime-genai in its own
-          process; decode against the ceiling `memory read bandwidth / weight bytes read per
+          process, the two artifacts' runs interleaved (load on a shared machine drifts); decode against the ceiling `memory read bandwidth / weight bytes read per
           decoded token` with the bandwidth measured in the same run.
 """
 
@@ -77,18 +77,32 @@ def dense_variant(ckpt: Path, work: Path) -> tuple[Path, Path]:
     return dense, path
 
 
-def speeds(artifact: Path, args, bandwidth: float) -> dict:
-    per_token = bytes_per_decoded_token(artifact / "model.onnx")
-    rows = {}
+def interleaved_speeds(artifacts: dict[str, Path], args, bandwidth: float) -> dict:
+    """Prefill/decode of every artifact at each prompt length, runs interleaved (A, B, A, B, ...):
+    on a shared machine load drifts, and a ratio is only fair between runs taken side by side."""
+    import statistics
+
+    vocab = load_recipe(RECIPE).model.vocab_size
+    runs: dict[str, dict[str, list[dict]]] = {name: {str(n): [] for n in args.prompt_lens} for name in artifacts}
     for length in args.prompt_lens:
-        rows[str(length)] = speed(artifact, args.work, length, args.new_tokens, args.runs, load_recipe(RECIPE).model.vocab_size)
-        print(f"  prompt {length}: {rows[str(length)]}", flush=True)
+        for run in range(args.runs):
+            for name, artifact in artifacts.items():
+                row = speed(artifact, args.work, length, args.new_tokens, 1, vocab)
+                runs[name][str(length)].append(row)
+                print(f"  {name} prompt {length} run {run}: {row}", flush=True)
     best = max(bandwidth, memory_bandwidth_gbs())
-    ceiling = best * GB / per_token["bytes"]
-    for row in rows.values():
-        row["decode_fraction_of_ceiling"] = round(row["decode_tps"]["median"] / ceiling, 3)
-    return {"by_prompt_tokens": rows, "weight_bytes_per_token": per_token["bytes"], "memory_read_bandwidth_gbs": best,
-            "ceiling_decode_tps": round(ceiling, 2)}
+    out: dict = {"memory_read_bandwidth_gbs": best}
+    for name, artifact in artifacts.items():
+        per_token = bytes_per_decoded_token(artifact / "model.onnx")["bytes"]
+        ceiling = best * GB / per_token
+        rows = {}
+        for length, samples in runs[name].items():
+            med = {key: statistics.median(r[key]["median"] for r in samples) for key in ("prefill_tps", "decode_tps", "ttft_s")}
+            rows[length] = {**{k: round(v, 3) for k, v in med.items()}, "runs": len(samples),
+                            "process_peak_rss_anon_mb": max(r["process_peak_rss_anon_mb"] for r in samples),
+                            "decode_fraction_of_ceiling": round(med["decode_tps"] / ceiling, 3)}
+        out[name] = {"weight_bytes_per_token": per_token, "ceiling_decode_tps": round(ceiling, 2), "by_prompt_tokens": rows}
+    return out
 
 
 def main() -> None:
@@ -138,18 +152,19 @@ def main() -> None:
         ckpt = args.work / f"{RECIPE}-{args.speed_layers}-layers"
         fixture(RECIPE, ckpt, args.speed_layers)
         dense, dense_recipe = dense_variant(ckpt, args.work)
-        result["speed"] = {"layers": args.speed_layers, "new_tokens": args.new_tokens, "runs": args.runs}
+        result["speed"] = {"layers": args.speed_layers, "new_tokens": args.new_tokens, "runs": args.runs, "exports": {}}
+        artifacts = {}
         for name, folder, flags in (("blocksparse", ckpt, ()), ("dense", dense, ("--recipe", str(dense_recipe)))):
             out = args.work / f"{RECIPE}-speed-{name}"
-            exported = export(folder, out, *flags)
-            print(f"speed/{name}: export {exported}", flush=True)
-            result["speed"][name] = {"export": exported, **speeds(out / "onnx-cpu", args, bandwidth)}
-            shutil.rmtree(out)
-            save()
+            result["speed"]["exports"][name] = export(folder, out, *flags)
+            artifacts[name] = out / "onnx-cpu"
+        result["speed"] |= interleaved_speeds(artifacts, args, bandwidth)
         sparse, full = result["speed"]["blocksparse"]["by_prompt_tokens"], result["speed"]["dense"]["by_prompt_tokens"]
         result["speed"]["blocksparse_over_dense"] = {
-            n: {"prefill_tps": round(sparse[n]["prefill_tps"]["median"] / full[n]["prefill_tps"]["median"], 3),
-                "decode_tps": round(sparse[n]["decode_tps"]["median"] / full[n]["decode_tps"]["median"], 3)} for n in sparse}
+            n: {"prefill_tps": round(sparse[n]["prefill_tps"] / full[n]["prefill_tps"], 3),
+                "decode_tps": round(sparse[n]["decode_tps"] / full[n]["decode_tps"], 3)} for n in sparse}
+        for artifact in artifacts.values():
+            shutil.rmtree(artifact.parent)
         shutil.rmtree(dense)
         shutil.rmtree(ckpt)
     save()
