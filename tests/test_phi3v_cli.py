@@ -220,7 +220,13 @@ def test_validate_int4_reports_image_prompt_logits(out, checkpoint, tmp_path):
 def test_package_and_verify_run_an_image_prompt(out, target, tmp_path):
     source = out(VISION, target="mobile")
     bundle = tmp_path / "bundle"
-    _cli("package", source, "--target", target, "--with-onnx", "--out", bundle)
+    name = json.loads((source / "manifest.json").read_text())["artifacts"][0]["name"]
+    median = {"median": 0.5, "min": 0.5, "max": 0.5, "runs": 1}
+    record = {"artifact": name, "status": "ok", "provider": "cpu", "speed": {}, "vision": {"speed": {
+        "image": "1344x1008", "image_tokens": 1921, "image_encode_s": median, "time_to_first_token_s": median,
+        "decode_tokens_per_s": median}}}
+    (tmp_path / "v.json").write_text(json.dumps({"records": [record]}))
+    _cli("package", source, "--target", target, "--with-onnx", "--out", bundle, "--validate", tmp_path / "v.json")
     files = {p.name for p in (bundle / "onnx").iterdir()}
     assert {"vision.onnx", "vision.onnx.data", "embedding.onnx", "embedding.onnx.data", "model.onnx",
             "processor_config.json", "genai_config.json"} <= files
@@ -228,6 +234,7 @@ def test_package_and_verify_run_an_image_prompt(out, target, tmp_path):
     image = manifest["models"][0]["image_input"]
     assert image["models"] == {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "model.onnx"}
     assert image["num_crops"] == 16
+    assert manifest["validation"][0]["image"]["time_to_first_token_s"] == 0.5
     result = _cli("verify", bundle)
     assert "an image prompt (64x48 PNG" in result.stdout and "verified" in result.stdout
     # The processor config is part of the bundle: without it verify names the file.

@@ -117,7 +117,11 @@ def validate(path, reference, eval_text, providers, json_path, window, stride, p
     memory of the process that ran them. Providers this onnxruntime lacks are recorded
     as "not run" with the reason, beside the checks that need no provider. A Core ML
     package is evaluated op by op from the saved program; a Core AI asset runs on Apple's
-    own runtime (on Linux its CPU reference: accuracy, not speed).
+    own runtime (on Linux its CPU reference: accuracy, not speed). An image + text artifact
+    (Phi-3-vision) also gets image checks: vision features vs the torch reference on the
+    runtime processor's pixel_values, image-token counts vs the formula, the runtime's crop
+    count vs the model's (onnxruntime-genai 0.18 always makes 16), image-prompt logits, and
+    image encode time, time to first token and decode tokens/s with a 1344x1008 image.
 
     \b
     Exit status: 0 when every check holds, 1 when one fails (listed), 2 on bad input.

@@ -141,6 +141,12 @@ def _validation(path: Path, names: set[str]) -> list[dict]:
             "prefill_tokens_per_s": (speed.get("prefill_tokens_per_s") or {}).get("median"),
             "time_to_first_token_s": (speed.get("time_to_first_token_s") or {}).get("median"),
         })
+        image = (r.get("vision") or {}).get("speed") or {}
+        if "image_encode_s" in image:  # an image + text model: its one-image figures too
+            out[-1]["image"] = {"size": image["image"], "image_tokens": image["image_tokens"],
+                                "image_encode_s": image["image_encode_s"]["median"],
+                                "time_to_first_token_s": image["time_to_first_token_s"]["median"],
+                                "decode_tokens_per_s": (image.get("decode_tokens_per_s") or {}).get("median")}
     return out
 
 

@@ -396,4 +396,9 @@ def table(result: dict) -> str:
             _fmt((r.get("memory") or {}).get("peak_rss_anon_mb"), ".0f"),
         ))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    if any(r.get("vision") for r in result["records"]):
+        from phi3_export.validate.vision import speed_lines
+
+        lines += speed_lines(result["records"])
+    return "\n".join(lines)

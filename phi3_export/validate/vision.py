@@ -232,7 +232,7 @@ def checks(images: list[dict], logits: dict, precision: str, num_crops: int, che
                       f"(tolerance {PIXEL_TOLERANCE})"))
     bits = logits["decoder_bits"]
     tolerance = LOGIT_TOLERANCE.get(bits)
-    detail = (f"{logits['width']}x{logits['height']} image, {logits['crop_slots'] - 1} crops, {logits['prompt_tokens']} "
+    detail = (f"{logits['width']}x{logits['height']} image, num_crops {logits['crop_slots'] - 1}, {logits['prompt_tokens']} "
               f"tokens through onnxruntime-genai: max |Δ| {logits['max_abs_diff']:.2e} ({logits['max_rel_diff']:.2e} "
               f"relative), KLD {logits['kld']:.2e}, top-1 {'same' if logits['top1_same'] else 'differs'}; greedy "
               f"tokens after it: {'all ' + str(logits['generated_tokens']) + ' match' if logits['first_divergence'] is None else 'part at ' + str(logits['first_divergence'])}")
@@ -306,3 +306,18 @@ def image_speed(folder: Path, model, threads: int, new_tokens: int, runs: int, s
             "prompt_tokens": int(inputs.ids.shape[1]), "decode_tokens": new_tokens,
             "image_encode_s": _stats(encode[1:]), "time_to_first_token_s": _stats(ttft[1:]),
             "decode_tokens_per_s": _stats(decode[1:]) if len(decode) > 1 else None}
+
+
+def speed_lines(records: list[dict]) -> list[str]:
+    """One line per record with image speed figures (validate's table, after the text table)."""
+    lines = []
+    for r in records:
+        speed = (r.get("vision") or {}).get("speed") or {}
+        if "image_encode_s" not in speed:
+            continue
+        decode = (speed.get("decode_tokens_per_s") or {}).get("median")
+        lines.append(f"{r['artifact']} [{r.get('provider')}]: {speed['image']} image, num_crops {speed['crop_slots'] - 1}, "
+                     f"{speed['image_tokens']} image tokens: encode {speed['image_encode_s']['median']:.3f} s, "
+                     f"TTFT {speed['time_to_first_token_s']['median']:.3f} s, decode "
+                     f"{'-' if decode is None else f'{decode:.1f}'} tok/s")
+    return lines
