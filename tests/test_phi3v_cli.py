@@ -34,24 +34,9 @@ def _one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def checkpoint(shared_cache, fixture_dir):
-    """The vision fixture, its rope block spelled "longrope" instead of the published "su".
-
-    Workaround: validate's streamed text reference builds transformers' Phi3Config from
-    config.json (arch/phi3.py ``_hf_config``), which rejects {"type": "su"} without
-    ``original_max_position_embeddings`` inside the block; the owner of arch/ is to normalise it.
-    """
-    def build(recipe: str):
-        def make(out):
-            shutil.copytree(fixture_dir(recipe), out, dirs_exist_ok=True)
-            config = json.loads((out / "config.json").read_text())
-            if (config.get("rope_scaling") or {}).get("type") == "su":
-                config["rope_scaling"]["type"] = "longrope"
-            (out / "config.json").write_text(json.dumps(config, indent=2))
-
-        return shared_cache(json.dumps(["phi3v-cli-checkpoint", recipe]), make)
-
-    return build
+def checkpoint(fixture_dir):
+    """The vision fixture: the published key layout (rope_scaling {"type": "su"})."""
+    return fixture_dir
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +45,7 @@ def out(shared_cache, checkpoint):
     from phi3_export.api import quantize
 
     def build(recipe: str, bits: int = 4, target: str = "cpu"):
-        folder = shared_cache(json.dumps(["phi3v-cli-out", recipe, bits, target]),
+        folder = shared_cache(json.dumps(["phi3v-cli-out-published", recipe, bits, target]),
                               lambda o: quantize(checkpoint(recipe), o / "out", bits=bits, targets=(target,)))
         return folder / "out"
 
