@@ -20,11 +20,10 @@ from PIL import Image
 from phi3_export.arch import architecture
 from phi3_export.arch.phi3v_image import ImageEmbeddingReference
 from phi3_export.checkpoint import Checkpoint
-from phi3_export.checkpoint.stream import load_tensors, stream_layers
 from phi3_export.memory import run_measured
 from phi3_export.quant.qcheckpoint import pack_codes
 from phi3_export.quant.rtn import quantize_rtn
-from phi3_export.validate.reference import StreamedReference, torch_norm
+from phi3_export.validate.reference import StreamedReference
 
 RECIPE = "phi-3-vision-128k"
 TOL = 1e-4
@@ -104,20 +103,10 @@ class Sessions:
 
 def _reference_logits(folder, ids: np.ndarray, features: torch.Tensor) -> np.ndarray:
     """Streamed torch reference from inputs_embeds: the checkpoint's table rows, image rows from ``features``."""
-    from phi3_export.fixtures.phi3v import _decoder_config
-
     ref = StreamedReference(Checkpoint(folder))
-    # transformers' Phi3Config does not take the published rope_scaling block ({"type": "su"} without
-    # original_max_position_embeddings): the decoder's layers get its Phi3Config keys.
-    ckpt, decoder, config = ref.ckpt, ref.plan.decoder, _decoder_config(ref.ckpt.config)
-    table = ckpt.tensor(decoder.embedding)
+    table = ref.ckpt.tensor(ref.plan.decoder.embedding)
     x = ImageEmbeddingReference.embed(torch.from_numpy(ids), features, table)
-    extra = ref.arch.calibration_inputs(config, x.shape[1])
-    with torch.no_grad():
-        for layer in stream_layers(ckpt, decoder.layers):
-            x = ref.arch.loaded_layer(config, layer, load_tensors(ckpt, layer.tensors()))(x, **extra)
-        x = torch_norm(decoder.final_norm, x, load_tensors(ckpt, decoder.final_norm.tensors()))
-    return next(ref.logits(x))
+    return next(ref.logits(ref.hidden_states_of(x)))
 
 
 def _recipe_file(tmp_path, precision: str):

@@ -44,9 +44,13 @@ class StreamedReference:
 
     def hidden_states(self, sequences: torch.Tensor, batch: int = 4) -> torch.Tensor:
         """Final-norm hidden states [n, seq, hidden] of equal-length ``sequences`` [n, seq]."""
+        return self.hidden_states_of(embedded(self.ckpt, self.plan.decoder, sequences), batch)
+
+    def hidden_states_of(self, x: torch.Tensor, batch: int = 4) -> torch.Tensor:
+        """Final-norm hidden states of layer 0's input ``x`` [n, seq, hidden] (token rows from
+        ``embedded``, or an image model's inputs_embeds), streamed one layer at a time."""
         arch, ckpt, config, decoder = self.arch, self.ckpt, self.ckpt.config, self.plan.decoder
-        extra = arch.calibration_inputs(config, sequences.shape[1])
-        x = embedded(ckpt, decoder, sequences)
+        extra = arch.calibration_inputs(config, x.shape[1])
         with torch.no_grad():
             for layer in stream_layers(ckpt, decoder.layers):
                 module = arch.loaded_layer(config, layer, load_tensors(ckpt, layer.tensors()))

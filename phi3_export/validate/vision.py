@@ -71,22 +71,6 @@ def _relative(got: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
     return diff, diff / scale if scale else diff
 
 
-def _reference_hidden(model, x: torch.Tensor) -> torch.Tensor:
-    """Final-norm hidden states of inputs_embeds ``x`` [1, S, H], streamed layer by layer as
-    StreamedReference.hidden_states does after its embedding gather."""
-    from phi3_export.checkpoint.stream import load_tensors, stream_layers
-    from phi3_export.validate.reference import torch_norm
-
-    arch, ckpt, config, decoder = model.arch, model.ckpt, model.ckpt.config, model.plan.decoder
-    extra = arch.calibration_inputs(config, x.shape[1])
-    with torch.no_grad():
-        for layer in stream_layers(ckpt, decoder.layers):
-            module = arch.loaded_layer(config, layer, load_tensors(ckpt, layer.tensors()))
-            x = module(x, **extra)
-            del module
-        return torch_norm(decoder.final_norm, x, load_tensors(ckpt, decoder.final_norm.tensors()))
-
-
 class VisionCheck:
     """The image checks of one artifact against the reference (module docstring)."""
 
@@ -166,7 +150,7 @@ class VisionCheck:
         full = torch.cat([ids, torch.tensor([new[:-1]], dtype=torch.int64)], dim=1)
         x = embedded(ckpt, decoder, full.clamp(min=0))
         x[full < 0] = features.to(x.dtype)
-        hidden = _reference_hidden(self.ref.model, x)[:, inputs.ids.shape[1] - 1 :]
+        hidden = self.ref.model.hidden_states_of(x)[:, inputs.ids.shape[1] - 1 :]
         expected = next(iter(self.ref.model.logits(hidden)))
         diff, rel = _relative(first, expected[0])
         cmp = accuracy.Comparison()
