@@ -13,7 +13,14 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from phi3_export.checkpoint import Checkpoint
-from phi3_export.checkpoint.check import check_memory, check_recipe, check_tensors, checked_architecture, matching_recipes
+from phi3_export.checkpoint.check import (
+    check_image_processor,
+    check_memory,
+    check_recipe,
+    check_tensors,
+    checked_architecture,
+    matching_recipes,
+)
 from phi3_export.errors import Phi3ExportError
 from phi3_export.export import coreai
 from phi3_export.export.coreml import MLPACKAGE, export_coreml
@@ -202,6 +209,7 @@ def quantize(
                               f"({source} max_position_embeddings)")
     plan = arch.plan(ckpt.config)
     choice = choose_recipe(ckpt, facts, recipe)
+    check_image_processor(ckpt, choice.recipe, plan)
     settings = QuantSettings.from_recipe(
         choice.recipe.quantization, bits=bits, method=method, block_size=block_size, symmetric=symmetric,
         accuracy_level=accuracy_level, overrides={**choice.recipe.quantization.overrides, "lm_head": lm_head} if lm_head else None,

@@ -233,3 +233,17 @@ def test_ios_bundle_of_a_vision_model_needs_with_onnx_and_coreml_is_refused(out,
     _one_line_error(_cli("package", source, "--target", "ios", "--out", tmp_path / "b", check=False), "--with-onnx")
     _one_line_error(_cli("quantize", "--checkpoint", checkpoint(VISION), "--format", "coreml", "--out", tmp_path / "c",
                          "--quiet", check=False), "coreml", "image encoder")
+
+
+def test_checkpoint_crop_count_must_match_the_recipe(checkpoint, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(checkpoint(VISION), tmp_path / "ckpt")
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    assert processor["num_crops"] == 16
+    (folder / "preprocessor_config.json").write_text(json.dumps({**processor, "num_crops": 4}))
+    proc = _cli("quantize", "--checkpoint", folder, "--out", tmp_path / "out", "--quiet", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "preprocessor_config.json: num_crops 4, but recipe phi-3-vision-128k says export.vision.num_crops 16" in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -18,6 +18,8 @@ from phi3_export.arch.vision import ImageEmbedding
 from phi3_export.checkpoint.config import architecture_name, check_config, intermediate_size, rope_settings
 from phi3_export.checkpoint.reader import FLOAT_DTYPES, Checkpoint
 from phi3_export.errors import Phi3ExportError
+from phi3_export.jsonfile import read_json
+from phi3_export.paths import inside
 from phi3_export.recipes.schema import FROM_CHECKPOINT, ModelFacts, Recipe
 
 FEATURES = ("architecture", "rope.kind", "rope.partial_rotary_factor", "tie_word_embeddings", "sliding_window", "gqa_ratio",
@@ -240,3 +242,17 @@ def check_memory(config: dict[str, Any], source: str, *, max_length: int, calibr
 
 def _gb(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n < 1 << 50 else f"{n / 2**40:.3g} TiB"
+
+
+def check_image_processor(ckpt: Checkpoint, recipe: Recipe, plan: ModelPlan) -> None:
+    """An image model's crop count: the checkpoint's preprocessor_config.json (where it has one)
+    and the recipe's export.vision.num_crops must agree, or the artifact would embed images
+    another way than the model was trained to see them."""
+    path = ckpt.folder / "preprocessor_config.json"
+    if plan.image is None or not path.is_file():
+        return
+    doc = read_json(inside(ckpt.folder, path.name, str(path)))
+    crops = doc.get("num_crops")
+    if crops is not None and crops != recipe.export.vision.num_crops:
+        raise Phi3ExportError(f"{path}: num_crops {crops!r}, but recipe {recipe.name} says export.vision.num_crops "
+                              f"{recipe.export.vision.num_crops}: use a recipe for this model (or set it there)")
