@@ -25,12 +25,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_full import checkpoint_gb, fixture, measured, quantize  # noqa: E402
+from bench_full import checkpoint_gb, fixture, measured, quantize
 
-from phi3_export.fixtures.full_size import parameter_count  # noqa: E402
-from phi3_export.machine import machine  # noqa: E402
-from phi3_export.recipes import load_recipe  # noqa: E402
-from phi3_export.versions import library_versions, tool_version  # noqa: E402
+from phi3_export.fixtures.full_size import parameter_count
+from phi3_export.machine import machine
+from phi3_export.recipes import load_recipe
+from phi3_export.versions import library_versions, tool_version
 
 RECIPE = "phi-3-vision-128k"
 PEAK_ANON_TARGET_MB = 3000
