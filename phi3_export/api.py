@@ -64,6 +64,10 @@ def _coreai_options(recipe: Recipe, facts, max_length: int | None, plan) -> core
     return chosen
 
 
+# Tokens left for the text of an image prompt (chat template, question, a short answer).
+IMAGE_PROMPT_TEXT = 256
+
+
 def choose_recipe(ckpt: Checkpoint, facts, recipe: str | None) -> RecipeChoice:
     source = str(ckpt.folder / "config.json")
     if recipe is not None:
@@ -226,6 +230,14 @@ def quantize(
                                   f"choose --bits {', '.join(map(str, APPLE_BITS))})")
     chosen_targets = (targets or tuple(choice.recipe.export.targets)) if "onnx" in formats else ()
     resolved = [resolve_target(t, choice.recipe, settings.bits, settings.accuracy_level, max_length) for t in chosen_targets]
+    if plan.image is not None:  # an image model whose KV cache cannot hold one image prompt is no artifact
+        crops = choice.recipe.export.vision.num_crops
+        need = plan.image.most_image_tokens(crops) + IMAGE_PROMPT_TEXT
+        short = [t for t in resolved if t.max_length < need]
+        if short:
+            where = "--max-length" if max_length is not None else f"recipe {choice.recipe.name}: export.max_length"
+            raise Phi3ExportError(f"{where}: {short[0].max_length} tokens cannot hold an image prompt: one image takes up to "
+                                  f"{need - IMAGE_PROMPT_TEXT} tokens at num_crops {crops}; use at least {need}")
     for target in resolved:
         check_target_ops(target, plan)
     coreml_context = coreml_context_length(choice.recipe, facts, max_length) if "coreml" in formats else None

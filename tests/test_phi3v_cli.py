@@ -247,3 +247,16 @@ def test_checkpoint_crop_count_must_match_the_recipe(checkpoint, tmp_path):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "preprocessor_config.json: num_crops 4, but recipe phi-3-vision-128k says export.vision.num_crops 16" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_max_length_must_hold_one_image_prompt(checkpoint, tmp_path):
+    from phi3_export.arch.phi3v import Phi3V
+
+    plan = Phi3V.plan(json.loads((checkpoint(VISION) / "config.json").read_text()))
+    assert plan.image.most_image_tokens(16) == 2653 and plan.image.most_image_tokens(4) == 781  # 10x4000 / tall images
+    proc = _cli("quantize", "--checkpoint", checkpoint(VISION), "--out", tmp_path / "out", "--max-length", "2048", "--quiet",
+                check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "--max-length: 2048 tokens cannot hold an image prompt: one image takes up to 2653 tokens at num_crops 16" in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -113,6 +113,11 @@ class ImageEmbedding:
         rows, cols = height // self.crop_size, width // self.crop_size
         return (rows * cols + 1) * self.tokens_per_crop + 1 + (rows + 1) * self.side
 
+    def most_image_tokens(self, num_crops: int) -> int:
+        """The most placeholder tokens one image can take at ``num_crops``: a tall image, one crop wide
+        (only the sub-crop grid's rows get separators)."""
+        return self.image_tokens(num_crops * self.crop_size, self.crop_size)
+
     def tensors(self) -> tuple[str, ...]:
         enc = self.encoder
         names = [enc.class_embedding, enc.patch_embedding, enc.position_embedding, *enc.pre_norm.tensors()]

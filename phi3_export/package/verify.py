@@ -117,6 +117,9 @@ def _image_prompt(og, model, tokenizer, folder: Path, result: VerifyResult, rel:
     except Exception as exc:  # noqa: BLE001 - a missing processor config or a broken vision model is the finding
         result.problems.append(f"{rel}: an image prompt failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
         return
+    if steps != 3:
+        result.problems.append(f"{rel}: an image prompt decoded {steps} tokens, not 3")
+        return
     result.checks.append(f"{rel}: an image prompt (64x48 PNG, {inputs.image_tokens[0]} image tokens, "
                          f"{inputs.crops - 1} crop slots from the runtime's processor) ran through vision, embedding and "
                          f"decoder and decoded {steps} tokens")

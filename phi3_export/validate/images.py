@@ -7,13 +7,15 @@ would end the process instead of raising.
 
 Two ways to build the prompt's inputs:
 
-- ``own`` (the default of `chat`, `validate`, `verify`): our HD transform
+- ``own`` (the default of `chat` and of validate's image-prompt checks): our HD transform
   (arch/hd_transform.py, the runtime's resampling) with the artifact's own crop count from
   processor_config.json, and hand-built ``og.NamedTensors`` (``input_ids`` with ``-k`` runs for
   image k, ``pixel_values [n, crops + 1, 3, 336, 336]``, ``image_sizes [n, 2]``,
   ``num_image_tokens [n, 1]``). onnxruntime-genai 0.18's Phi3ImageTransform hard-codes 16 crops
   whatever the config says, so this is how Phi-3.5-vision gets its 4.
-- ``runtime``: ``model.create_multimodal_processor()``, what an app calling the runtime gets.
+- ``runtime``: ``model.create_multimodal_processor()``, what an app calling the runtime gets
+  (`verify` runs this one, as the bundle's app would, and validate's feature checks feed its
+  pixel_values to the reference).
 
 The text between image tags is tokenised by the runtime's processor, chunk by chunk, as it does
 itself (no BOS), so both ways give the same ids at 16 crops.
@@ -90,6 +92,18 @@ class ProcessorFacts:
         return (rows * cols + 1) * self.num_img_tokens + 1 + (rows + 1) * self.side
 
 
+def vision_input_dtype(folder: Path) -> type:
+    """The dtype vision.onnx declares for pixel_values (float16 on dml), read from the graph only."""
+    import onnx
+
+    from phi3_export.paths import inside
+
+    name = read_json(Path(folder) / "genai_config.json")["model"]["vision"]["filename"]
+    graph = onnx.load(str(inside(Path(folder), name, "genai_config.json: model.vision.filename")), load_external_data=False).graph
+    pixels = next(i for i in graph.input if i.name == "pixel_values")
+    return np.float16 if pixels.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else np.float32
+
+
 def processor_facts(folder: Path) -> ProcessorFacts:
     path = Path(folder) / PROCESSOR_CONFIG
     if not path.is_file():
@@ -145,6 +159,7 @@ class ImagePrompts:
         self.og, self.model, self.folder = og, model, Path(folder)
         self.facts = processor_facts(folder)  # before the runtime: its own error is "failed to open"
         self.processor = model.create_multimodal_processor()
+        self.pixel_dtype = vision_input_dtype(self.folder)
 
     def text_ids(self, text: str) -> np.ndarray:
         if not text:
@@ -179,7 +194,7 @@ class ImagePrompts:
     def _inputs(self, ids, pixel_values, image_sizes, tokens, processor) -> PromptInputs:
         nt = self.og.NamedTensors()
         nt["input_ids"] = ids.astype(np.int32)
-        nt["pixel_values"] = np.ascontiguousarray(pixel_values, np.float32)
+        nt["pixel_values"] = np.ascontiguousarray(pixel_values, self.pixel_dtype)  # fp16 on dml, as the runtime's processor
         nt["image_sizes"] = np.ascontiguousarray(image_sizes, np.int64)
         # Required: without it the runtime never runs the vision model (study, finding 2).
         nt["num_image_tokens"] = np.asarray(tokens, np.int64).reshape(-1, 1)

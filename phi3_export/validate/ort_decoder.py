@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from phi3_export.paths import inside
+
 # Ops whose CPU kernels need past and present KV in one buffer.
 SHARED_BUFFER_OPS = {"SparseAttention"}
 FIRST_CAPACITY = 256  # rows of a fresh shared buffer; doubled as the sequence grows
@@ -54,18 +56,18 @@ class OrtDecoder:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads  # 0: ONNX Runtime's default, one per core
         providers = providers or ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(folder / cfg.get("filename", "model.onnx")), opts, providers=providers)
+        self.session = ort.InferenceSession(str(inside(folder, cfg.get("filename", "model.onnx"), "genai_config.json: model.decoder.filename")), opts, providers=providers)
         kv_type = next(i.type for i in self.session.get_inputs() if i.name.startswith("past_key_values."))
         self.dtype = np.float16 if kv_type == "tensor(float16)" else np.float32
         embedding = genai["model"].get("embedding")
         self.embedding = None
         if embedding:  # the decoder reads inputs_embeds (module docstring)
-            self.embedding = ort.InferenceSession(str(folder / embedding["filename"]), opts, providers=providers)
+            self.embedding = ort.InferenceSession(str(inside(folder, embedding["filename"], "genai_config.json: model.embedding.filename")), opts, providers=providers)
             features = next(i for i in self.embedding.get_inputs() if i.name == embedding["inputs"]["image_features"])
             self._no_features = np.zeros((0, cfg["hidden_size"]),
                                          np.float16 if features.type == "tensor(float16)" else np.float32)
             self._embedding_io = embedding
-        graph = onnx.load(str(folder / cfg.get("filename", "model.onnx")), load_external_data=False).graph  # node list only: weights stay on disk
+        graph = onnx.load(str(inside(folder, cfg.get("filename", "model.onnx"), "genai_config.json: model.decoder.filename")), load_external_data=False).graph  # node list only: weights stay on disk
         self.shared_buffer = any(node.op_type in SHARED_BUFFER_OPS for node in graph.node)
 
     def _names(self) -> list[str]:
