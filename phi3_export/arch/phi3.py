@@ -191,7 +191,6 @@ class Phi3(Architecture):
     @classmethod
     def _hf_config(cls, config: dict[str, Any]):
         from transformers import Phi3Config
-
         from transformers.utils import logging as hf_logging
 
         verbosity = hf_logging.get_verbosity()
