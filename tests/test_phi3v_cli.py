@@ -260,3 +260,17 @@ def test_max_length_must_hold_one_image_prompt(checkpoint, tmp_path):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "--max-length: 2048 tokens cannot hold an image prompt: one image takes up to 2653 tokens at num_crops 16" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_awq_on_the_text_decoder_of_a_vision_model(checkpoint, tmp_path):
+    # AWQ calibrates the Phi-3 decoder (the published rope_scaling block read by its torch layers); the
+    # image models are exported beside it and validate's image and text checks pass.
+    out = tmp_path / "awq"
+    _cli("quantize", "--checkpoint", checkpoint(VISION), "--out", out, "--method", "awq", "--calib-samples", "4", "--quiet")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["method"] == "awq"
+    assert {"vision.onnx", "embedding.onnx", "model.onnx"} <= {p.name for p in (out / "onnx-cpu").iterdir()}
+    proc = _cli("validate", out, "--reference", checkpoint(VISION), "--no-speed", "--json", tmp_path / "v.json", check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    record = json.loads((tmp_path / "v.json").read_text())["records"][0]
+    assert record["settings"]["method"] == "awq" and {c["name"] for c in record["checks"]} >= {"image_feature_parity", "image_token_count"}
