@@ -11,7 +11,7 @@ Not part of CI (needs ~20 GB of disk and ~30 min). JSON to --out (build/bench/be
           blocksparse; 1, 3 dense) and with every layer dense (dense_attention_every_n_layers 1,
           through a copy of the recipe that says so): prefill tok/s and time to first token at
           --prompt-lens (1k, 4k), decode tok/s after them, through onnxruntime-genai in its own
-          process, the two artifacts' runs interleaved (load on a shared machine drifts); decode against the ceiling `memory read bandwidth / weight bytes read per
+          process on every core (onnxruntime's default ran one thread on this VM), the two artifacts' runs interleaved (load on a shared machine drifts); decode against the ceiling `memory read bandwidth / weight bytes read per
           decoded token` with the bandwidth measured in the same run.
 """
 
@@ -87,7 +87,7 @@ def interleaved_speeds(artifacts: dict[str, Path], args, bandwidth: float) -> di
     for length in args.prompt_lens:
         for run in range(args.runs):
             for name, artifact in artifacts.items():
-                row = speed(artifact, args.work, length, args.new_tokens, 1, vocab)
+                row = speed(artifact, args.work, length, args.new_tokens, 1, vocab, threads=machine()["cores"])
                 runs[name][str(length)].append(row)
                 print(f"  {name} prompt {length} run {run}: {row}", flush=True)
     best = max(bandwidth, memory_bandwidth_gbs())
