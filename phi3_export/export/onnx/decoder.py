@@ -22,7 +22,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from onnx import TensorProto, helper
 
@@ -31,15 +30,14 @@ from phi3_export.arch.rotary import rotary_tables
 from phi3_export.checkpoint.stream import stream_layers
 from phi3_export.errors import Phi3ExportError
 from phi3_export.export.onnx.blocks import BLOCK_EMITTERS, MS, NORM_EMITTERS, emitter_for
-from phi3_export.export.onnx.external_data import ExternalDataWriter, inline
+from phi3_export.export.onnx.graph import GraphBuilder
 from phi3_export.export.onnx.targets import ResolvedTarget
 from phi3_export.quant.qcheckpoint import QuantizedCheckpoint, pack_codes, unpack_codes
 
-OPSET = 21
 CONTROL_FLOW = {"If", "Loop", "Scan"}
 
 
-class DecoderEmitter:
+class DecoderEmitter(GraphBuilder):
     def __init__(self, qckpt: QuantizedCheckpoint, plan: ModelPlan, target: ResolvedTarget, out_dir: Path,
                  data_file: str = "model.onnx.data"):
         self.qckpt, self.plan, self.decoder, self.target = qckpt, plan, plan.decoder, target
@@ -51,34 +49,12 @@ class DecoderEmitter:
                 f"config.json: rotary dims {rotary.dim}: GroupQueryAttention needs half of them to be a multiple of 8"
             )
         self.out_dir = Path(out_dir)
-        self.io = target.target.io_dtype
-        self.io_onnx = helper.np_dtype_to_tensor_dtype(np.dtype(self.io))
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self.consts: dict[str, str] = {}
+        super().__init__(self.out_dir / data_file, target.target.io_dtype, const_prefix="/model/constants")
         self.layouts: dict[tuple, tuple[str, str]] = {}  # blocksparse CSR layouts by (pattern, heads)
-        self.data = ExternalDataWriter(self.out_dir / data_file)
         self.tied_lm_head_inputs: tuple[list[str], dict] | None = None
         self.tied_table: str | None = None
 
     # ---- small helpers -------------------------------------------------------------
-    def node(self, op: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", outputs: list[str] | None = None, **attrs) -> list[str]:
-        outputs = outputs or [f"{name}/output_{k}" for k in range(n_out)]
-        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
-        return outputs
-
-    def const(self, values, dtype=np.int64) -> str:
-        array = np.asarray(values, dtype=dtype)
-        key = f"/model/constants/{np.dtype(dtype).name}/{array.tolist()}"
-        if key not in self.consts:
-            self.initializers.append(inline(key, array))
-            self.consts[key] = key
-        return key
-
-    def weight(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(self.data.add(name, array))
-        return name
-
     def weight_rows(self, name: str, shape: tuple[int, ...], dtype, blocks) -> str:
         """An initializer written as consecutive blocks (one expert at a time)."""
         self.initializers.append(self.data.add_rows(name, shape, np.dtype(dtype), blocks))
@@ -300,10 +276,7 @@ class DecoderEmitter:
             bad = sorted({n.op_type for n in self.nodes} & CONTROL_FLOW)
             assert not bad, f"target {self.target.name} forbids control flow, graph has {bad}"
         inputs, outputs = self.io_values()
-        graph = helper.make_graph(self.nodes, "phi3_export_decoder", inputs, outputs, initializer=self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                                  producer_name="phi3-export")
-        model.ir_version = 10
+        model = self.model("phi3_export_decoder", inputs, outputs)
         path = self.out_dir / "model.onnx"
         path.write_bytes(model.SerializeToString(deterministic=True))
         return path

@@ -62,10 +62,7 @@ class EmbeddingEmitter(DecoderEmitter):
         inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
                   helper.make_tensor_value_info("image_features", self.io_onnx, ["num_image_tokens", d.hidden])]
         outputs = [helper.make_tensor_value_info("inputs_embeds", self.io_onnx, ["batch_size", "sequence_length", d.hidden])]
-        graph = helper.make_graph(self.nodes, "phi3_export_embedding", inputs, outputs, initializer=self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
-                                  producer_name="phi3-export")
-        model.ir_version = 10
+        model = self.model("phi3_export_embedding", inputs, outputs)
         path = self.out_dir / "embedding.onnx"
         path.write_bytes(model.SerializeToString(deterministic=True))
         return path

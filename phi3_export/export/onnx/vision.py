@@ -24,7 +24,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from onnx import TensorProto, helper
 
@@ -33,54 +32,13 @@ from phi3_export.arch.vision import ClipLayer, ImageEmbedding
 from phi3_export.checkpoint.reader import Checkpoint
 from phi3_export.checkpoint.stream import stream_layers
 from phi3_export.export.onnx.blocks import MS
-from phi3_export.export.onnx.external_data import ExternalDataWriter, inline
+from phi3_export.export.onnx.graph import GraphBuilder
 from phi3_export.quant.qcheckpoint import pack_codes
 from phi3_export.quant.rtn import quantize_rtn
 from phi3_export.quant.store import check_finite
 
-OPSET = 21
 BLOCK = 32  # MatMulNBits block size of int8 / int4 vision weights
 FLOAT_STORAGE = {"fp32": np.float32, "fp16": np.float16}
-
-
-class GraphBuilder:
-    """Nodes, deduplicated constants and external-data initializers of one ONNX graph."""
-
-    def __init__(self, data_path: Path, io_dtype: type):
-        self.io = np.dtype(io_dtype)
-        self.io_onnx = helper.np_dtype_to_tensor_dtype(self.io)
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self.consts: dict[str, str] = {}
-        self.data = ExternalDataWriter(data_path)
-
-    def node(self, op: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "",
-             outputs: list[str] | None = None, **attrs) -> list[str]:
-        outputs = outputs or [f"{name}/output_{k}" for k in range(n_out)]
-        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
-        return outputs
-
-    def op(self, op: str, inputs: list[str], name: str, **attrs) -> str:
-        return self.node(op, inputs, name, **attrs)[0]
-
-    def const(self, values, dtype=np.int64) -> str:
-        array = np.asarray(values, dtype=dtype)
-        key = f"/constants/{np.dtype(dtype).name}/{array.tolist()}"
-        if key not in self.consts:
-            self.initializers.append(inline(key, array))
-            self.consts[key] = key
-        return key
-
-    def weight(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(self.data.add(name, array))
-        return name
-
-    def model(self, graph_name: str, inputs: list, outputs: list) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, graph_name, inputs, outputs, initializer=self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                                  producer_name="phi3-export")
-        model.ir_version = 10
-        return model
 
 
 class VisionEmitter(GraphBuilder):
