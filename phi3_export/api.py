@@ -133,7 +133,7 @@ def _request(awq: AwqSettings, needs_calibration: bool, calib_text) -> QuantizeR
     if not needs_calibration:
         return QuantizeRequest()
     from phi3_export.fixtures.corpus import corpus_text
-    from phi3_export.quant.awq import AwqOptions
+    from phi3_export.quant.awq_search import AwqOptions
 
     if calib_text is not None:
         path = Path(calib_text)

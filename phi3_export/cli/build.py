@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import click
 
 from phi3_export.cli.options import CALIBRATION_OPTIONS, PRECISION_OPTIONS, TIKTOKEN_OPTION, csv_values
 from phi3_export.errors import Phi3ExportError
+from phi3_export.recipes.schema import Method
 
 
 @click.command()
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="Local Hugging Face folder (config.json + safetensors).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder: manifest.json plus one folder per artifact.")
 @click.option("--recipe", help="Shipped recipe name or a recipe YAML path. Default: the shipped recipe matching the checkpoint.")
-@click.option("--method", type=click.Choice(["rtn", "awq"]), help="Quantization method (default from the recipe).")
+@click.option("--method", type=click.Choice(get_args(Method)), help="Quantization method (default from the recipe).")
 @click.option("--format", "formats", default="onnx", show_default=True,
               help="Comma-separated: onnx (one artifact per --target), coreml (stateful .mlpackage, iOS 18/macOS 15), "
                    "coreai (.aimodel with prefill and decode functions, iOS/macOS 27; needs the [coreai] extra), or all.")

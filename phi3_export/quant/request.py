@@ -8,5 +8,5 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class QuantizeRequest:
     calibration_text: str = ""
-    awq: object = None  # quant.awq.AwqOptions
+    awq: object = None  # quant.awq_search.AwqOptions
     resume: bool = False

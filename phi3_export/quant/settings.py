@@ -14,6 +14,35 @@ FLOAT_BITS = {16: "fp16", 32: "fp32"}
 
 
 @dataclass(frozen=True)
+class Storage:
+    """How one tensor is stored: ``precision`` int4 / int8 / fp16 / fp32, and for an integer
+    precision its block size (columns per scale) and symmetry."""
+
+    precision: str
+    block_size: int = 0
+    symmetric: bool = True
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision in ("int4", "int8")
+
+    @property
+    def bits(self) -> int:
+        return int(self.precision[3:]) if self.quantized else int(self.precision[2:])
+
+    @property
+    def label(self) -> str:
+        """``int4-g128``, ``int8-g32``, ``fp16``: how a size-budget mix names a choice."""
+        return f"{self.precision}-g{self.block_size}" if self.quantized else self.precision
+
+
+def parse_storage(label: str, symmetric: bool) -> Storage:
+    """The inverse of ``Storage.label`` (the symmetry is the run's)."""
+    precision, _, block = label.partition("-g")
+    return Storage(precision, int(block), symmetric) if block else Storage(precision)
+
+
+@dataclass(frozen=True)
 class QuantSettings:
     bits: int
     method: str
@@ -21,6 +50,9 @@ class QuantSettings:
     symmetric: bool
     accuracy_level: int
     overrides: dict[str, str] = field(default_factory=dict)
+    # Per-tensor choices of a size budget (quant/budget.py): tensor name -> Storage.label.
+    # Wins over ``overrides`` and the defaults for the tensors it names.
+    mix: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_recipe(cls, q: Quantization, **flags) -> QuantSettings:
@@ -52,6 +84,16 @@ class QuantSettings:
             return "fp32" if self.quantized else default
         return default
 
+    def storage(self, name: str, role: str) -> Storage:
+        """How the tensor ``name`` (of registry role ``role``) is stored: the size budget's choice
+        if it made one, else the role's precision at the run's block size and symmetry."""
+        if name in self.mix:
+            return parse_storage(self.mix[name], self.symmetric)
+        precision = self.precision(role)
+        if precision in ("int4", "int8"):
+            return Storage(precision, self.block_size, self.symmetric)
+        return Storage(precision)
+
     @property
     def tag(self) -> str:
         """Short form used in artifact names: w4g32s, w4g128a, w32."""
@@ -60,4 +102,7 @@ class QuantSettings:
         return f"w{self.bits}g{self.block_size}{'s' if self.symmetric else 'a'}"
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        if not self.mix:
+            del values["mix"]  # a run without a size budget records what it always did
+        return values

@@ -16,7 +16,7 @@ from phi3_export.checkpoint.reader import Checkpoint
 from phi3_export.errors import Phi3ExportError
 from phi3_export.quant.qcheckpoint import QuantizedCheckpointWriter
 from phi3_export.quant.rtn import QuantizedTensor, quantize_rtn
-from phi3_export.quant.settings import QuantSettings
+from phi3_export.quant.settings import QuantSettings, Storage
 
 # Rows quantized at a time: bounds the float32 working set (and its temporaries) to a few
 # tens of MB whatever the tensor, e.g. Phi-3-mini's 16384 x 3072 gate_up_proj.
@@ -40,32 +40,34 @@ def check_finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def quantize_rows(weight: torch.Tensor, bits: int, settings: QuantSettings, name: str = "weight") -> Iterator[QuantizedTensor]:
+def quantize_rows(weight: torch.Tensor, storage: Storage, name: str = "weight") -> Iterator[QuantizedTensor]:
     """An in-memory weight, quantized in row blocks."""
     step = _row_step(weight.shape[1])
     for start in range(0, weight.shape[0], step):
         block = check_finite(name, weight[start : start + step])
-        yield quantize_rtn(block, bits, settings.block_size, settings.symmetric)
+        yield quantize_rtn(block, storage.bits, storage.block_size, storage.symmetric)
 
 
-def quantize_checkpoint_rows(ckpt: Checkpoint, name: str, bits: int, settings: QuantSettings) -> Iterator[QuantizedTensor]:
+def quantize_checkpoint_rows(ckpt: Checkpoint, name: str, storage: Storage) -> Iterator[QuantizedTensor]:
     """A checkpoint tensor, read and quantized in row blocks (never whole)."""
     rows, cols = ckpt.shape(name)
     step = _row_step(cols)
     for start in range(0, rows, step):
         block = check_finite(name, ckpt.rows(name, start, min(rows, start + step)))
-        yield quantize_rtn(block, bits, settings.block_size, settings.symmetric)
+        yield quantize_rtn(block, storage.bits, storage.block_size, storage.symmetric)
 
 
-def linear_precision(linear: Linear, settings: QuantSettings) -> str:
-    """int4 / int8 / fp16 / fp32 of a linear's weight (a float-only linear, e.g. a router, stays float)."""
-    return settings.precision(linear.role) if linear.quantize else "fp32"
+FLOAT = Storage("fp32")
 
 
-def store_tensor(writer: QuantizedCheckpointWriter, ckpt: Checkpoint, name: str, role: str, precision: str,
-                 settings: QuantSettings) -> None:
-    if precision in ("int4", "int8"):
-        writer.add_quantized_rows(name, quantize_checkpoint_rows(ckpt, name, int(precision[3:]), settings), role)
+def linear_storage(linear: Linear, settings: QuantSettings) -> Storage:
+    """How a linear's weight is stored (a float-only linear, e.g. a router, stays float)."""
+    return settings.storage(linear.weight, linear.role) if linear.quantize else FLOAT
+
+
+def store_tensor(writer: QuantizedCheckpointWriter, ckpt: Checkpoint, name: str, role: str, storage: Storage) -> None:
+    if storage.quantized:
+        writer.add_quantized_rows(name, quantize_checkpoint_rows(ckpt, name, storage), role)
     else:
         writer.add_float(name, check_finite(name, ckpt.tensor(name, None)), role)
 
@@ -78,10 +80,9 @@ def store_weights(writer: QuantizedCheckpointWriter, blocks: tuple[Linear | Norm
             for name in block.tensors():
                 writer.add_float(name, check_finite(name, weights[name]).to(ckpt.torch_dtype(name)), block.module or "norm")
             continue
-        precision = linear_precision(block, settings)
-        if precision in ("int4", "int8"):
-            writer.add_quantized_rows(block.weight, quantize_rows(weights[block.weight], int(precision[3:]), settings, block.weight),
-                                      block.role)
+        storage = linear_storage(block, settings)
+        if storage.quantized:
+            writer.add_quantized_rows(block.weight, quantize_rows(weights[block.weight], storage, block.weight), block.role)
         else:
             writer.add_float(block.weight, check_finite(block.weight, weights[block.weight]), block.role)
         if block.bias:
@@ -95,28 +96,31 @@ def store_blocks_from_checkpoint(writer: QuantizedCheckpointWriter, blocks: tupl
     for block in blocks:
         if isinstance(block, Norm):
             for name in block.tensors():
-                store_tensor(writer, ckpt, name, block.module or "norm", "fp32", settings)
+                store_tensor(writer, ckpt, name, block.module or "norm", FLOAT)
             continue
-        store_tensor(writer, ckpt, block.weight, block.role, linear_precision(block, settings), settings)
+        store_tensor(writer, ckpt, block.weight, block.role, linear_storage(block, settings))
         if block.bias:
-            store_tensor(writer, ckpt, block.bias, f"{block.role}.bias", "fp32", settings)
+            store_tensor(writer, ckpt, block.bias, f"{block.role}.bias", FLOAT)
 
 
 def group_name(layer: DecoderLayer, group: str) -> str:
     return f"layer-{layer.index:03d}" + (f"-{group}" if group else "")
 
 
+def embedding_storage(decoder: Decoder, settings: QuantSettings) -> Storage:
+    """Tied: one table, stored once, serves the lookup and the LM head at the LM head's precision."""
+    return settings.storage(decoder.embedding, "lm_head" if decoder.tied else "embed_tokens")
+
+
 def store_globals(writer: QuantizedCheckpointWriter, ckpt: Checkpoint, decoder: Decoder, settings: QuantSettings) -> None:
     """Final norm, embeddings and LM head: one file each, never two large tables in memory."""
     for name in decoder.final_norm.tensors():
-        store_tensor(writer, ckpt, name, "final_norm", "fp32", settings)
+        store_tensor(writer, ckpt, name, "final_norm", FLOAT)
     writer.flush("final_norm")
-    # Tied: one table, stored once, serves the lookup and the LM head at the LM head's precision.
-    embed_precision = settings.precision("lm_head") if decoder.tied else settings.precision("embed_tokens")
-    store_tensor(writer, ckpt, decoder.embedding, "embed_tokens", embed_precision, settings)
+    store_tensor(writer, ckpt, decoder.embedding, "embed_tokens", embedding_storage(decoder, settings))
     writer.flush("embed_tokens")
     if not decoder.tied:
-        store_tensor(writer, ckpt, decoder.lm_head.weight, "lm_head", settings.precision("lm_head"), settings)
+        store_tensor(writer, ckpt, decoder.lm_head.weight, "lm_head", settings.storage(decoder.lm_head.weight, "lm_head"))
         if decoder.lm_head.bias:
-            store_tensor(writer, ckpt, decoder.lm_head.bias, "lm_head.bias", "fp32", settings)
+            store_tensor(writer, ckpt, decoder.lm_head.bias, "lm_head.bias", FLOAT)
         writer.flush("lm_head")

@@ -18,6 +18,8 @@ Target = Literal["cpu", "dml", "mobile"]
 Precision = Literal["int4", "int8", "fp16", "fp32"]
 TokenizerKind = Literal["llama-sentencepiece", "byte-bpe"]
 RopeKind = Literal["default", "longrope"]
+# Quantization methods (quant/stage.py's QUANTIZERS runs each).
+Method = Literal["rtn", "awq", "gptq", "awq-gptq"]
 
 
 class Strict(BaseModel):
@@ -94,7 +96,7 @@ class AwqSettings(Strict):
 
 class Quantization(Strict):
     bits: Literal[4, 8, 16, 32] = 4
-    method: Literal["rtn", "awq"] = "rtn"
+    method: Method = "rtn"
     block_size: int = Field(default=32, ge=16, le=256)
     symmetric: bool = True
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
