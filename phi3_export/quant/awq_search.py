@@ -1,13 +1,33 @@
 """AWQ's searches and its exact scale folding (the layer loop is quant/awq.py).
 
-``search_scale`` grid-searches the per-channel scale of one scaling group; ``search_clip``
-the per (row, block) clip ratio of one linear. Every linear is fake-quantized at its own
-``Storage`` (a size budget may mix block sizes and bit widths within a layer).
+``search_scale`` searches the per-channel scale of one scaling group over an alpha grid;
+``search_clip`` the per (row, block) clip ratio of one linear. Every linear is
+fake-quantized at its own ``Storage`` (a size budget may mix block sizes and bit widths
+within a layer).
+
+Cost (Phi-3-mini widths, 2 cores: the exhaustive searches took ~470 s a layer). What
+makes them cheaper, each change exact or measured not to change the choices that matter
+(benchmarks/bench_calibration.py):
+
+- Alpha grid, coarse to fine (``refine_grid``): the error over alpha is close to unimodal,
+  so every 4th alpha is scored, then the best one's neighbours at distance 2, then 1:
+  9 of 20 candidates (plus plain RTN), O(grid/4 + 2 log 4) instead of O(grid).
+- Linear-scored groups (V->o, up->down), a closed form: ``||X dWᵀ||² = ||R dWᵀ||²`` with
+  ``R`` the c x c triangular factor of X's thin QR (``XᵀX = RᵀR``), so a candidate costs
+  c·rows·c instead of tokens·rows·c. Used where it pays: tokens well above the columns.
+- Clip search, a closed form per block: the output error of block g of row o is
+  ``dᵀ H_g d`` with ``d = q - w`` the block's quantization error and ``H_g = X_gᵀX_g / n``
+  (block x block, once per linear). A ratio then costs rows·cols·block multiply-adds
+  instead of tokens·rows·cols, whatever the number of tokens, so H_g takes every token
+  it is given; the ratios are searched coarse to fine per block as the alphas are.
+- Fake quantization in place (``_fake_quant_``): quantize_rtn(w).dequantize() bit for
+  bit, in one buffer, without its codes/uint8 round trip.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +46,10 @@ class AwqOptions:
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5
-    score_tokens: int = 4096  # tokens used to score a scale candidate
-    clip_tokens: int = 256  # tokens used to score a clip ratio
+    score_tokens: int = 4096  # tokens handed to a scale search: its statistics use all, its scores SCORED_TOKENS
+    clip_tokens: int = 2048  # tokens of the clip search's block Gram matrices (their count costs a ratio nothing)
     min_tokens: int = 32  # fewer calibration tokens reaching a linear (a rarely routed expert): plain RTN
+    clip_refine: bool = True  # clip ratios coarse to fine per block; False: every ratio of the grid
 
 
 # ---- scale folding: exact in floating point, tested on its own ------------------------------
@@ -78,13 +99,94 @@ def _per_scalable_channel(group: ScalingGroup, stat: torch.Tensor) -> torch.Tens
     return stat
 
 
-# ---- searches ----------------------------------------------------------------------------------
+# ---- fake quantization ---------------------------------------------------------------------
 
 def fake_quant(w: torch.Tensor, storage: Storage) -> torch.Tensor:
+    """quantize_rtn(w).dequantize(): what the stored codes decode to."""
+    if w.shape[-1] % storage.block_size == 0:
+        return _fake_quant_(w.to(torch.float32, copy=True), storage)
     return quantize_rtn(w, storage.bits, storage.block_size, storage.symmetric).dequantize()
 
 
+def _fake_quant_(w: torch.Tensor, storage: Storage, wmin: torch.Tensor | None = None,
+                 wmax: torch.Tensor | None = None) -> torch.Tensor:
+    """``fake_quant`` in place on a float32 tensor [..., cols] with cols a multiple of the block.
+
+    quantize_rtn's arithmetic (so the same values) in one buffer and five passes, where
+    quantize then dequantize make seven temporaries the size of ``w``: the codes' ``clamp(round(w
+    / s) + z, 0, L) - z`` is ``clamp(round(w / s), -z, L - z)`` (integers, exact in float32) and
+    needs no uint8 round trip. ``wmin``/``wmax`` [..., blocks, 1]: the blocks' extremes if known."""
+    bits, block = storage.bits, storage.block_size
+    b = w.view(*w.shape[:-1], w.shape[-1] // block, block)
+    levels = 2**bits - 1
+    if wmin is None or wmax is None:
+        wmin, wmax = torch.aminmax(b, dim=-1, keepdim=True)
+    if storage.symmetric:
+        half = 2 ** (bits - 1)
+        scales = torch.where(wmax.abs() >= wmin.abs(), wmax, wmin) / -half
+        zeros = torch.full_like(scales, half)
+    else:
+        wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
+        scales = (wmax - wmin) / levels
+        zeros = torch.round(-wmin / torch.where(scales == 0, torch.ones_like(scales), scales)).clamp(0, levels)
+    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
+    b.div_(safe).round_().clamp_(min=-zeros, max=levels - zeros).mul_(scales)
+    return w
+
+
+def _scaled_fake_quant(w: torch.Tensor, full: torch.Tensor, storage: Storage) -> torch.Tensor:
+    """fake_quant(w * s) / s per column, in one buffer."""
+    if w.shape[1] % storage.block_size:
+        return fake_quant(w * full[None, :], storage) / full[None, :]
+    return _fake_quant_(w * full[None, :], storage).div_(full[None, :])
+
+
+# ---- coarse-to-fine search over a grid -------------------------------------------------------
+
+def coarse_step(n: int) -> int:
+    """Coarse stride for an n-point grid: a power of two giving about five coarse points."""
+    return 1 << max(0, int(math.log2(max(1, n // 5))))
+
+
+def refine_grid(n: int, err: Callable[[int], float]) -> tuple[int, dict[int, float]]:
+    """argmin over k in [0, n) of ``err(k)``, scoring every ``coarse_step(n)``-th k, then the
+    best one's neighbours at half that distance, and so on down to 1 (ties: the smaller k).
+
+    On a unimodal curve this is the exhaustive argmin with O(n / step + 2 log step) calls
+    (9 of 20 for n = 20); returns it and every score computed."""
+    scores: dict[int, float] = {}
+
+    def at(k: int) -> None:
+        if 0 <= k < n and k not in scores:
+            scores[k] = err(k)
+
+    step = coarse_step(n)
+    for k in range(0, n, step):
+        at(k)
+    best = min(scores, key=lambda k: (scores[k], k))
+    while step > 1:
+        step //= 2
+        at(best - step)
+        at(best + step)
+        best = min(scores, key=lambda k: (scores[k], k))
+    return best, scores
+
+
+# ---- scale search ------------------------------------------------------------------------------
+
+# The loop hands a scale search ``score_tokens`` tokens (windows, for a module scorer): the
+# channel statistics use all of them; candidates are scored on the first SCORED_TOKENS, in
+# two rounds: every alpha screened on the first SCREENED_TOKENS, then the SCREEN_KEEP best
+# scored. Measured on SmolLM2 (24 groups; bench_calibration.py): alphas ranked on 1024 tokens
+# miss the best alpha on all 8192 by as little as 4096 do, and the 4 best of a 256-token screen
+# always held the 1024-token winner; statistics on only 1024 tokens did cost error.
+SCORED_TOKENS = 1024
+SCREENED_TOKENS = 256
+SCREEN_KEEP = 4
+
+
 def _output_error(x: torch.Tensor, w_ref: torch.Tensor, w_new: torch.Tensor, chunk: int = 1024) -> float:
+    """mean over tokens and rows of (x (w_new - w_ref)ᵀ)²."""
     err = 0.0
     diff = (w_new - w_ref).T
     for start in range(0, x.shape[0], chunk):
@@ -92,87 +194,202 @@ def _output_error(x: torch.Tensor, w_ref: torch.Tensor, w_new: torch.Tensor, chu
     return err / (x.shape[0] * w_ref.shape[0])
 
 
-def search_scale(group: ScalingGroup, x: torch.Tensor, weights: list[torch.Tensor], storages: list[Storage],
-                 grid: int, score=None) -> tuple[torch.Tensor, float]:
-    """Best s over the alpha grid; ``score(candidate_weights)`` defaults to the linears' output error.
+def _with_screen(make: Callable, x: torch.Tensor, scored: int | None, screened: int | None, unit: int = 1):
+    """``make(x[:n])`` on the first ``scored`` tokens, with a ``screen`` attribute on the first
+    ``screened`` (x's first dim counts ``unit`` tokens each: windows) when that is fewer.
+    None: SCORED_TOKENS / SCREENED_TOKENS, read at call time."""
+    scored = SCORED_TOKENS if scored is None else scored
+    screened = SCREENED_TOKENS if screened is None else screened
 
-    ``storages[i]`` is how ``weights[i]`` will be stored."""
+    def rows(tokens: int) -> int:
+        return min(x.shape[0], max(1, -(-tokens // unit)))
+
+    score = make(x[: rows(scored)])
+    if rows(screened) < rows(scored):
+        score.screen = make(x[: rows(screened)])
+    return score
+
+
+def linear_scorer(x: torch.Tensor, w: torch.Tensor, scored: int | None = None, screened: int | None = None):
+    """Scores candidate weights (row blocks of ``w``) by the output error: mean over tokens and
+    rows of ``||x (w_c - w)ᵀ||²`` on x's first ``scored`` tokens, ``screen`` on its first
+    ``screened`` (random subsets: the loop hands a random subsample, kept in token order).
+
+    (The Gram closed form ``tr(dW XᵀX dWᵀ)`` costs rows·c² a candidate against tokens·rows·c
+    direct, so it pays only with more tokens than columns: not with the 1024 that rank the
+    alphas as well as 4096, at Phi-3-mini's 3072 and 8192 columns.)"""
+    def make(rows: torch.Tensor):
+        return lambda candidate: _output_error(rows, w, torch.cat(candidate, dim=0))
+
+    return _with_screen(make, x, scored, screened)
+
+
+def search_scale(group: ScalingGroup, x: torch.Tensor, weights: list[torch.Tensor], storages: list[Storage],
+                 grid: int, score=None, *, keep: int | None = None, refine: bool = False) -> tuple[torch.Tensor, float]:
+    """Best s over the alpha grid; ``score(candidate_weights)`` defaults to ``linear_scorer(x, ...)``.
+
+    ``storages[i]`` is how ``weights[i]`` will be stored. A ``score`` with a ``screen``
+    attribute is searched in two rounds: every alpha screened, the ``keep`` best scored (None:
+    SCREEN_KEEP; 0: every alpha scored). Cost: grid·screened + keep·scored tokens through the scorer instead
+    of grid·scored. ``refine``: coarse to fine instead (``refine_grid``: 9 of 20; measured to
+    miss the grid's best by up to 5% of the error, as the curves have bumps: off by default)."""
     w = torch.cat(weights, dim=0)
     if score is None:
-        def score(candidate: list[torch.Tensor]) -> float:
-            return _output_error(x, w, torch.cat(candidate, dim=0))
+        score = linear_scorer(x, w)
     stat = channel_stat(group, x)
     # Activation and weight magnitudes both (AutoAWQ's "duo scaling"): s = x^a / w^(1-a).
     w_stat = weight_stat(group, w, min(st.block_size for st in storages))
-    # Start from no scaling at all, so the search never does worse than plain RTN on its score.
-    best_s, best_alpha = torch.ones_like(stat), None
-    best_err = score([fake_quant(wi, st) for wi, st in zip(weights, storages)])
-    for k in range(grid):
+
+    def scale(k: int) -> torch.Tensor:
         alpha = k / grid
         s = (stat.pow(alpha) / w_stat.pow(1 - alpha).clamp(min=1e-4)).clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()
-        full = expand_scale(group, s)
-        err = score([fake_quant(wi * full[None, :], st) / full[None, :] for wi, st in zip(weights, storages)])
-        if err < best_err:
-            best_s, best_err, best_alpha = s, err, alpha
-    return best_s, best_alpha
+        return s / (s.max() * s.min()).sqrt()
+
+    def err(k: int, scorer=score) -> float:
+        full = expand_scale(group, scale(k))
+        return scorer([_scaled_fake_quant(wi, full, st) for wi, st in zip(weights, storages)])
+
+    # No scaling at all competes too (and wins ties), so the search never does worse than plain RTN on its score.
+    rtn = score([fake_quant(wi, st) for wi, st in zip(weights, storages)])
+    screen = getattr(score, "screen", None)
+    keep = SCREEN_KEEP if keep is None else keep
+    if refine:
+        k, scores = refine_grid(grid, err)
+    else:
+        kept = range(grid)
+        if screen is not None and 0 < keep < grid:
+            screened = {j: err(j, screen) for j in range(grid)}
+            kept = sorted(screened, key=lambda j: (screened[j], j))[:keep]
+        scores = {j: err(j) for j in kept}
+        k = min(scores, key=lambda j: (scores[j], j))
+    if not scores or scores[k] >= rtn:
+        return torch.ones_like(stat), None
+    return scale(k), k / grid
 
 
-def module_scorer(module: torch.nn.Module, layer: DecoderLayer, group: ScalingGroup, x: torch.Tensor, extra: dict):
-    """Scores candidate weights of ``group`` by the output of its ``inspect`` submodule on ``x``."""
+def module_scorer(module: torch.nn.Module, layer: DecoderLayer, group: ScalingGroup, x: torch.Tensor, extra: dict,
+                  scored: int | None = None, screened: int | None = None):
+    """Scores candidate weights of ``group`` by the output of its ``inspect`` submodule on the
+    first windows of ``x`` [windows, seq, hidden] that hold ``scored`` tokens (at least one);
+    ``screen``: the same on ``screened`` tokens' worth, for ``search_scale``'s first round."""
     inspected = module.get_submodule(group.inspect)
     linears = [module.get_submodule(layer.module_path(lin.weight)) for lin in group.linears]
     # The attention submodule needs the RoPE tables and the mask; an MLP or MoE block only x.
     wants = ("position_embeddings", "attention_mask") if group.inspect == layer.attention.module else ()
     kwargs = {k: v for k, v in extra.items() if k in wants}
 
-    def run() -> torch.Tensor:
+    def run(inp: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            out = inspected(x, **kwargs)
+            out = inspected(inp, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    reference = run()
+    def make(inp: torch.Tensor):
+        reference = run(inp)
 
-    def score(candidate: list[torch.Tensor]) -> float:
-        originals = [lin.weight.data for lin in linears]
-        for lin, w in zip(linears, candidate):
-            lin.weight.data = w
-        try:
-            return (run() - reference).pow(2).mean().item()
-        finally:
-            for lin, w in zip(linears, originals):
+        def score(candidate: list[torch.Tensor]) -> float:
+            originals = [lin.weight.data for lin in linears]
+            for lin, w in zip(linears, candidate):
                 lin.weight.data = w
+            try:
+                return (run(inp) - reference).pow(2).mean().item()
+            finally:
+                for lin, w in zip(linears, originals):
+                    lin.weight.data = w
 
-    return score
+        return score
+
+    return _with_screen(make, x, scored, screened, unit=x.shape[1] if x.ndim == 3 else 1)
+
+
+# ---- clip search --------------------------------------------------------------------------------
+
+def block_gram(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[blocks, block, block]: H_g = X_gᵀ X_g / tokens for each block g of x's columns."""
+    tokens, cols = x.shape
+    xb = x.reshape(tokens, cols // block, block).transpose(0, 1)  # [blocks, tokens, block]
+    return torch.bmm(xb.transpose(1, 2), xb).div_(tokens)
+
+
+def clip_errors(wb: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ratio, gram: torch.Tensor, storage: Storage,
+                extremes: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """[blocks, rows]: dᵀ H_g d per block and row, d the quantization error of ``wb`` [blocks, rows, block]
+    clipped to ``ratio`` (a number, or one per block and row) of its range [lo, hi] ([blocks, rows, 1]).
+    ``extremes``: each block's (min, max) if known."""
+    low, high = lo * ratio, hi * ratio
+    clipped = torch.clamp(wb, low, high)
+    # clamp is monotone, so the clipped blocks' extremes are the clamped extremes: no pass over them.
+    wmin, wmax = extremes if extremes is not None else torch.aminmax(wb, dim=-1, keepdim=True)
+    wmin, wmax = torch.clamp(wmin, low, high)[..., None], torch.clamp(wmax, low, high)[..., None]
+    d = _fake_quant_(clipped, storage, wmin, wmax).sub_(wb)
+    return torch.bmm(d, gram).mul_(d).sum(dim=-1)
 
 
 def search_clip(x: torch.Tensor, w: torch.Tensor, storage: Storage, options: AwqOptions,
-                row_chunk: int = 256) -> torch.Tensor:
-    """Per (row, block) shrink of the quantization range minimising that block's output error."""
+                row_chunk: int = 0) -> torch.Tensor:
+    """Per (row, block) shrink of the quantization range minimising that block's output error.
+
+    The error of block g of a row is ``dᵀ H_g d`` (d: its quantize-dequantize error against
+    the unclipped weights, H_g: ``block_gram`` of x), so x's token count only enters once,
+    in H_g. Ratios ``1 - max_shrink·k/clip_grid``, searched coarse to fine per block
+    (``refine_grid``'s order with a per-block best), or all of them with ``options.clip_refine`` off.
+    Rows go ``row_chunk`` at a time (default: ~4M weights; smaller chunks measured slower, the
+    per-operation overhead outweighing the cache)."""
     rows, cols = w.shape
     block = storage.block_size
     if cols % block:
         return w
     nb = cols // block
-    xb = x.view(x.shape[0], nb, block)
+    gram = block_gram(x.to(torch.float32), block)
+    n = options.clip_grid
+    ratios = torch.tensor([1 - options.max_shrink * k / n for k in range(n)])
+    row_chunk = row_chunk or max(1, (1 << 22) // cols)
     out = torch.empty_like(w)
-    ratios = [1 - options.max_shrink * k / options.clip_grid for k in range(options.clip_grid)]
     for r0 in range(0, rows, row_chunk):
-        wb = w[r0 : r0 + row_chunk].view(-1, nb, block)
-        ref = torch.einsum("tgb,ogb->tog", xb, wb)
+        wb = w[r0 : r0 + row_chunk].to(torch.float32).view(-1, nb, block).transpose(0, 1).contiguous()  # [nb, r, block]
+        extremes = torch.aminmax(wb, dim=-1, keepdim=True)
         if storage.symmetric:
-            hi = wb.abs().amax(dim=-1, keepdim=True)
+            hi = torch.maximum(extremes[0].abs(), extremes[1].abs())
             lo = -hi
         else:
-            hi, lo = wb.amax(dim=-1, keepdim=True), wb.amin(dim=-1, keepdim=True)
-        best_err = torch.full(wb.shape[:2], math.inf)
-        best = wb.clone()
-        for ratio in ratios:
-            clipped = torch.maximum(torch.minimum(wb, hi * ratio), lo * ratio)
-            q = fake_quant(clipped.reshape(-1, cols), storage).view_as(wb)
-            err = (torch.einsum("tgb,ogb->tog", xb, q) - ref).pow(2).mean(dim=0)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = torch.where(better[..., None], clipped, best)
-        out[r0 : r0 + row_chunk] = best.view(-1, cols)
+            lo, hi = extremes
+        best_k = _clip_search(wb, (lo, hi, extremes), ratios, gram, storage, options.clip_refine)
+        clipped = torch.clamp(wb, lo * ratios[best_k][..., None], hi * ratios[best_k][..., None])
+        out[r0 : r0 + row_chunk] = clipped.transpose(0, 1).reshape(-1, cols)
     return out
+
+
+def _clip_search(wb, bounds, ratios: torch.Tensor, gram, storage: Storage, refine: bool) -> torch.Tensor:
+    """[blocks, rows] index of the best ratio per block and row (ties: the smaller index, i.e. less
+    clipping); ``bounds``: (lo, hi, extremes) as ``clip_errors`` takes them."""
+    lo, hi, extremes = bounds
+    n = len(ratios)
+    shape = wb.shape[:2]
+    best_err = torch.full(shape, math.inf)
+    best_k = torch.zeros(shape, dtype=torch.long)
+
+    def consider(k: torch.Tensor | int) -> None:
+        nonlocal best_err, best_k
+        if isinstance(k, int):
+            err = clip_errors(wb, lo, hi, float(ratios[k]), gram, storage, extremes)
+            k = torch.full(shape, k)
+        else:
+            valid = (k >= 0) & (k < n)
+            kc = k.clamp(0, n - 1)
+            err = clip_errors(wb, lo, hi, ratios[kc][..., None], gram, storage, extremes).masked_fill_(~valid, math.inf)
+        better = (err < best_err) | ((err == best_err) & (k < best_k))
+        best_err = torch.where(better, err, best_err)
+        best_k = torch.where(better, k, best_k)
+
+    if not refine:
+        for k in range(n):
+            consider(k)
+        return best_k
+    step = coarse_step(n)
+    for k in range(0, n, step):
+        consider(k)
+    while step > 1:
+        step //= 2
+        center = best_k.clone()
+        consider(center - step)
+        consider(center + step)
+    return best_k

@@ -8,5 +8,6 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class QuantizeRequest:
     calibration_text: str = ""
-    awq: object = None  # quant.awq_search.AwqOptions
+    awq: object = None  # quant.awq_search.AwqOptions (its samples/seqlen/seed calibrate every calibrated method)
+    gptq: object = None  # quant.gptq.GptqOptions
     resume: bool = False

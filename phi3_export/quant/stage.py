@@ -1,8 +1,9 @@
 """The quantize stage: checkpoint -> format-neutral quantized checkpoint, one layer at a time.
 
 Methods are looked up in ``QUANTIZERS`` (no branching on method names): RTN here, AWQ in
-quant/awq.py. Both walk the model plan and write the same quantized checkpoint
-(quant/store.py), which every exporter reads.
+quant/awq.py, GPTQ and AWQ-then-GPTQ in quant/gptq.py (the calibrated ones share
+quant/calibrate.py's layer loop). All walk the model plan and write the same quantized
+checkpoint (quant/store.py), which every exporter reads.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from phi3_export.checkpoint.stream import stream_layers
 from phi3_export.job import Job
 from phi3_export.quant.awq import awq_quantize_checkpoint
+from phi3_export.quant.gptq import awq_gptq_quantize_checkpoint, gptq_quantize_checkpoint
 from phi3_export.quant.qcheckpoint import QuantizedCheckpointWriter
 from phi3_export.quant.request import QuantizeRequest
 from phi3_export.quant.store import group_name, store_blocks_from_checkpoint, store_globals
@@ -44,4 +46,6 @@ class Quantizer:
 QUANTIZERS: dict[str, Quantizer] = {
     "rtn": Quantizer(rtn_quantize_checkpoint),
     "awq": Quantizer(awq_quantize_checkpoint, resumable=True, needs_calibration=True),
+    "gptq": Quantizer(gptq_quantize_checkpoint, resumable=True, needs_calibration=True),
+    "awq-gptq": Quantizer(awq_gptq_quantize_checkpoint, resumable=True, needs_calibration=True),
 }

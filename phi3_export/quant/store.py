@@ -124,3 +124,31 @@ def store_globals(writer: QuantizedCheckpointWriter, ckpt: Checkpoint, decoder: 
         if decoder.lm_head.bias:
             store_tensor(writer, ckpt, decoder.lm_head.bias, "lm_head.bias", FLOAT)
         writer.flush("lm_head")
+
+
+def quantized_row_blocks(name: str, q: QuantizedTensor) -> Iterator[QuantizedTensor]:
+    """Codes a quantizer already chose (GPTQ), handed to the writer in row blocks as RTN's are;
+    their scales are checked finite (a NaN calibration input would otherwise pass silently)."""
+    step = _row_step(q.shape[1])
+    for start in range(0, q.shape[0], step):
+        rows = slice(start, start + step)
+        yield QuantizedTensor(q.codes[rows], check_finite(name, q.scales[rows]), q.zeros[rows], q.bits, q.block_size,
+                              q.symmetric)
+
+
+def store_layer_weights(writer: QuantizedCheckpointWriter, blocks: tuple[Linear | Norm, ...], weights: dict[str, torch.Tensor],
+                        quantized: dict[str, QuantizedTensor], ckpt: Checkpoint, settings: QuantSettings) -> None:
+    """``store_weights``, except that linears named in ``quantized`` are stored with those codes
+    (which must be at the linear's own storage: its bits, block size and symmetry)."""
+    for block in blocks:
+        if isinstance(block, Norm) or block.weight not in quantized:
+            store_weights(writer, (block,), weights, ckpt, settings)
+            continue
+        q, storage = quantized[block.weight], linear_storage(block, settings)
+        if (q.bits, q.block_size, q.symmetric) != (storage.bits, storage.block_size, storage.symmetric) or q.shape != block.shape:
+            raise ValueError(f"{block.weight}: codes at {q.bits} bits, block {q.block_size}, shape {q.shape} do not match "
+                             f"its storage {storage.label}, shape {block.shape}")
+        writer.add_quantized_rows(block.weight, quantized_row_blocks(block.weight, q), block.role)
+        if block.bias:
+            writer.add_float(block.bias, check_finite(block.bias, weights[block.bias]).to(ckpt.torch_dtype(block.bias)),
+                             f"{block.role}.bias")

@@ -94,6 +94,14 @@ class AwqSettings(Strict):
     clip: bool = True
 
 
+class GptqSettings(Strict):
+    """Settings of --method gptq and awq-gptq (quant/gptq.py); calibration is quantization.awq's."""
+
+    damp: float = Field(default=0.01, gt=0, le=1)  # fraction of mean(diag H) added to the Hessian's diagonal
+    act_order: bool = True  # columns in descending diag(H), block parameters fixed beforehand
+    mse: bool = False  # each block's range shrunk by a small search (else RTN's min/max range)
+
+
 class Quantization(Strict):
     bits: Literal[4, 8, 16, 32] = 4
     method: Method = "rtn"
@@ -103,6 +111,7 @@ class Quantization(Strict):
     # Tensors kept at another precision than `bits`, by registry role (e.g. lm_head: int8).
     overrides: dict[str, Precision] = Field(default_factory=dict)
     awq: AwqSettings = AwqSettings()
+    gptq: GptqSettings = GptqSettings()
 
     @field_validator("block_size")
     @classmethod
