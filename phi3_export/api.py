@@ -5,6 +5,7 @@ checkpoint -> recipe check -> quantized checkpoint -> artifacts (one per format 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from phi3_export.export.coreml import MLPACKAGE, export_coreml
 from phi3_export.export.coreml.artifact import context_length as coreml_context_length
 from phi3_export.export.coreml.contract import MINIMUM_OS
 from phi3_export.export.onnx.artifact import export_onnx
+from phi3_export.export.onnx.sizes import decoder_file_bytes
 from phi3_export.export.onnx.targets import check_target_ops, resolve_target
 from phi3_export.job import Job
 from phi3_export.manifest import MANIFEST_VERSION, config_sha256, write_manifest
@@ -157,7 +159,11 @@ def _warn_slow_int8(settings: QuantSettings, plan, resolved, progress: Progress)
     Measured on SmolLM2-135M (tied int8 LM head, accuracy level 1): ~5 decode tok/s
     against ~65 with an int4 table and ~100 with the int8 table at accuracy level 4.
     """
-    roles = [r for r in (*plan.decoder.roles, "lm_head") if settings.precision(r) == "int8"]
+    if settings.mix:
+        count = sum(label.startswith("int8") for label in settings.mix.values())
+        roles = [f"{count} tensor{'s' if count > 1 else ''} of the size budget's mix"] if count else []
+    else:
+        roles = [r for r in (*plan.decoder.roles, "lm_head") if settings.precision(r) == "int8"]
     slow = [t.name for t in resolved if t.name in ("cpu", "mobile") and t.accuracy_level < 4]
     if roles and slow:
         progress.warning(f"int8 weights ({', '.join(roles)}) at accuracy level < 4 on target {', '.join(slow)}: onnxruntime "
@@ -178,9 +184,28 @@ def _vision_entry(recipe: Recipe, plan) -> dict:
                        "processor_config": "processor_config.json"}}
 
 
-def artifact_name(recipe: Recipe, settings: QuantSettings, fmt: str, target: str | None) -> str:
+def artifact_name(recipe: Recipe, settings: QuantSettings, fmt: str, target: str | None, variant: str | None = None) -> str:
+    """``<recipe>-<method>-<tag>-<format>[-<target>]``; a size budget's mix names its budget instead of
+    the tag (``phi-3-mini-4k-awq-budget2.2GB-sym-onnx-cpu``), an explicit mix a digest of it."""
     method = settings.method if settings.quantized else "float"
-    return f"{recipe.name}-{method}-{settings.tag}-{fmt}" + (f"-{target}" if target else "")
+    return f"{recipe.name}-{method}-{variant or settings.tag}-{fmt}" + (f"-{target}" if target else "")
+
+
+def _level_suffix(recipe: Recipe, settings: QuantSettings, target) -> str:
+    """``-al<n>`` when --accuracy-level gave a target another compute level than its recipe does, so
+    the same weights at two levels (a sweep's accuracy-level axis) are two named artifacts."""
+    own = resolve_target(target.name, recipe, settings.bits, recipe.quantization.accuracy_level, target.max_length)
+    return f"-al{target.accuracy_level}" if settings.quantized and target.accuracy_level != own.accuracy_level else ""
+
+
+def _mix_variant(settings: QuantSettings, budget) -> str | None:
+    if not settings.mix:
+        return None
+    symmetry = "sym" if settings.symmetric else "asym"
+    if budget is not None:
+        return f"budget{budget.label}-{symmetry}"
+    digest = hashlib.sha256(json.dumps(settings.mix, sort_keys=True).encode()).hexdigest()[:8]
+    return f"mix{digest}-{symmetry}"
 
 
 def quantize(
@@ -189,9 +214,17 @@ def quantize(
     block_size: int | None = None, symmetric: bool | None = None, accuracy_level: int | None = None,
     lm_head: str | None = None, max_length: int | None = None, force: bool = False, keep_quantized: bool = False, progress: Progress | None = None,
     calib_text: str | Path | None = None, calib_samples: int | None = None, calib_seqlen: int | None = None,
-    seed: int | None = None, tiktoken_file: str | Path | None = None,
+    seed: int | None = None, tiktoken_file: str | Path | None = None, size_budget: str | int | None = None,
+    bits_per_weight: float | None = None, mix: dict[str, str] | None = None,
 ) -> dict:
     """Quantize a checkpoint and export one artifact per format x target; returns the manifest.
+
+    ``size_budget`` (bytes, or a string with a unit: "850MB", "2.2GB", "2.2GiB") or
+    ``bits_per_weight`` chooses each linear's, the LM head's and the embedding table's storage
+    among int4-g128 / int4-g32 / int8-g128 (float for tiny tensors) to least measured error
+    with every ONNX target's model.onnx + model.onnx.data within the budget (quant/budget.py);
+    it calibrates whatever the method. ``mix`` (tensor name -> "int4-g32", ...) gives the
+    choices directly, e.g. a previous run's manifest ``settings.mix``.
 
     An interrupted AWQ run keeps its finished layers in ``.<out>.awq-work`` beside ``out``;
     the same command run again resumes after the last finished layer.
@@ -199,8 +232,15 @@ def quantize(
     ``tiktoken_file``: for a checkpoint without tokenizer.json whose tokenizer is tiktoken ranks
     (Phi-3-small), the ranks to build it from (default: the folder's own ranks file).
     """
+    from phi3_export.quant import budget as size_budgets
+
     progress = progress or Progress(enabled=False)
     out = Path(out)
+    budget = size_budgets.parse_budget(size_budget, bits_per_weight)  # a bad value fails before anything is read
+    if budget is not None and mix:
+        raise Phi3ExportError(f"{budget.flag}: a mix is given too; give one of them")
+    if budget is not None and lm_head:
+        raise Phi3ExportError(f"--lm-head {lm_head}: {budget.flag} chooses the LM head's storage too; give one of them")
     # Inputs are never written to: an --out that is, holds or lies inside the checkpoint is refused.
     check_separate(out, Path(checkpoint), "--checkpoint")
     # Every check below reads headers and config only: nothing is allocated or written until they pass.
@@ -243,24 +283,39 @@ def quantize(
     coreml_context = coreml_context_length(choice.recipe, facts, max_length) if "coreml" in formats else None
     coreai_options = _coreai_options(choice.recipe, facts, max_length, plan) if "coreai" in formats else None
     quantizer = QUANTIZERS[settings.method]
-    awq = _awq_settings(choice.recipe, facts, calib_samples, calib_seqlen, seed, quantizer.needs_calibration)
+    # A size budget measures each tensor's sensitivity on the calibration text, whatever the method.
+    calibrating = quantizer.needs_calibration or budget is not None
+    awq = _awq_settings(choice.recipe, facts, calib_samples, calib_seqlen, seed, calibrating)
     longest = max([t.max_length for t in resolved] + ([coreml_context] if coreml_context else [])
                   + ([coreai_options.context_length] if coreai_options else []), default=0)
     blame = {"rope": f"--max-length {max_length}"} if max_length is not None else {}
-    if quantizer.needs_calibration and (calib_samples is not None or calib_seqlen is not None):
+    if calibrating and (calib_samples is not None or calib_seqlen is not None):
         blame["calibration"] = " ".join(f"{flag} {v}" for flag, v in (("--calib-samples", calib_samples),
                                                                       ("--calib-seqlen", calib_seqlen)) if v is not None)
     check_memory(ckpt.config, source, max_length=longest, blame=blame,
-                 calibration=(awq.samples, awq.seqlen) if quantizer.needs_calibration else None)
+                 calibration=(awq.samples, awq.seqlen) if calibrating else None)
     check_tensors(ckpt, plan)
+    if mix:
+        settings = size_budgets.checked_mix(plan, settings, mix)
+    # Costs and the smallest possible decoder per target: an impossible budget is refused here, before anything is written.
+    bplan = size_budgets.plan_budget(ckpt, plan, settings, resolved, budget) if budget is not None else None
     progress.message(f"recipe: {choice.recipe.name} ({choice.how})")
-    _warn_slow_int8(settings, plan, resolved, progress)
+    if bplan is None:  # a budget's mix is known after its sensitivity pass: warned about then
+        _warn_slow_int8(settings, plan, resolved, progress)
     check_replaceable(out, force)
     check_free_space(out.parent if out.parent.exists() else Path.cwd(), _estimate_bytes(ckpt, settings, len(resolved) + 2 * ("coreml" in formats) + ("coreai" in formats)))
-    request = _request(awq, quantizer.needs_calibration, calib_text)
+    request = _request(awq, calibrating, calib_text)
 
-    job = Job(ckpt=ckpt, arch=arch, plan=plan, facts=facts, recipe=choice.recipe, settings=settings, progress=progress)
+    sensitivity_cache = out.parent / f".{out.name}.budget-sensitivity.json"
     with staged_output(out, force) as staging:
+        chosen = None
+        if bplan is not None:
+            chosen, errors = size_budgets.measure_and_choose(ckpt, arch, plan, bplan, request.calibration_text, request.awq,
+                                                        progress, sensitivity_cache)
+            settings = chosen.settings
+            _warn_slow_int8(settings, plan, resolved, progress)
+        variant = _mix_variant(settings, budget)
+        job = Job(ckpt=ckpt, arch=arch, plan=plan, facts=facts, recipe=choice.recipe, settings=settings, progress=progress)
         # A resumable method works in a folder that outlives a failed or interrupted run.
         qdir = out.parent / f".{out.name}.{settings.method}-work" if quantizer.resumable else staging / "quantized"
         fresh = not qdir.exists()
@@ -274,12 +329,14 @@ def quantize(
             raise
         qckpt = QuantizedCheckpoint(qdir)
         artifacts = []
+        achieved = {}
         for target in resolved:
             folder = staging / f"onnx-{target.name}"
             export_onnx(job, qckpt, target, folder)
+            achieved[target.name] = decoder_file_bytes(folder)
             files = file_entries(folder, staging)
             artifacts.append({
-                "name": artifact_name(choice.recipe, settings, "onnx", target.name),
+                "name": artifact_name(choice.recipe, settings, "onnx", target.name, variant) + _level_suffix(choice.recipe, settings, target),
                 "format": "onnx", "target": target.name, "path": folder.name,
                 "max_length": target.max_length, "accuracy_level": target.accuracy_level,
                 "providers": list(target.providers) or ["cpu"],
@@ -291,7 +348,7 @@ def quantize(
             export_coreml(job, qckpt, folder, coreml_context)
             files = file_entries(folder, staging)
             artifacts.append({
-                "name": artifact_name(choice.recipe, settings, "coreml", None), "format": "coreml", "target": None,
+                "name": artifact_name(choice.recipe, settings, "coreml", None, variant), "format": "coreml", "target": None,
                 "path": folder.name, "package": MLPACKAGE, "max_length": coreml_context, "context_length": coreml_context,
                 "minimum_os": MINIMUM_OS, "size_bytes": sum(f["size"] for f in files), "files": files,
             })
@@ -300,7 +357,7 @@ def quantize(
             coreai.export_coreai(job, qckpt, folder, coreai_options)
             files = file_entries(folder, staging)
             artifacts.append({
-                "name": artifact_name(choice.recipe, settings, "coreai", None), "format": "coreai", "target": None,
+                "name": artifact_name(choice.recipe, settings, "coreai", None, variant), "format": "coreai", "target": None,
                 "path": folder.name, "asset": coreai.AIMODEL, "max_length": coreai_options.context_length,
                 "context_length": coreai_options.context_length, "prefill_chunk": coreai_options.prefill_chunk,
                 "precision": coreai_options.precision, "minimum_os": coreai.MINIMUM_OS,
@@ -312,7 +369,7 @@ def quantize(
             if qdir.parent != staging:
                 shutil.move(str(qdir), staging / "quantized")
             qdir = staging / "quantized"
-            artifacts.append({"name": artifact_name(choice.recipe, settings, "quantized", None), "format": "quantized-checkpoint",
+            artifacts.append({"name": artifact_name(choice.recipe, settings, "quantized", None, variant), "format": "quantized-checkpoint",
                               "target": None, "path": "quantized", "files": file_entries(qdir, staging)})
         else:
             shutil.rmtree(qdir)
@@ -325,10 +382,15 @@ def quantize(
             },
             "recipe": {"name": choice.recipe.name, "how_chosen": choice.how},
             "settings": settings.as_dict(),
+            # The size budget: what was asked, predicted and achieved per ONNX target, how many tensors took each choice.
+            **({"size_budget": size_budgets.manifest_block(bplan, chosen, achieved, errors)} if chosen is not None else {}),
             # Linears AWQ left to plain RTN (a MoE expert too few calibration tokens reached).
             **({"rtn_fallback": qckpt.meta["awq_rtn_fallback"]} if qckpt.meta.get("awq_rtn_fallback") else {}),
             "model": json.loads(facts.model_dump_json(exclude_none=True)),  # MoE facts only where they apply
             "artifacts": artifacts,
         }
+        if chosen is not None:
+            size_budgets.check_achieved(bplan, chosen, achieved)  # over the budget or off the prediction: our bug, loudly
         write_manifest(staging, manifest)
+    sensitivity_cache.unlink(missing_ok=True)
     return {"schema_version": MANIFEST_VERSION, **manifest}

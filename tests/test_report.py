@@ -391,3 +391,53 @@ def test_report_page_renders_in_a_headless_browser(records, tmp_path):
 
     assert seen(RED) > 40  # the embedded plot shows: its Pareto-front markers are on the page
     assert seen((0xE6, 0xF4, 0xEA)) > 10_000  # and so does the green PASS banner at the top
+
+
+def _budget_row(artifact, x, kld, method="rtn", symmetric=True, mix=None):
+    from phi3_export.report.records import row_from_record
+
+    settings = {"bits": 4, "method": method, "block_size": 32, "symmetric": symmetric, "accuracy_level": 4, "overrides": {},
+                "mix": mix or {"model.layers.0.mlp.down_proj.weight": "int8-g128", "lm_head.weight": "int4-g32"}}
+    record = {"artifact": artifact, "provider": "cpu", "status": "ok", "format": "onnx", "target": "cpu",
+              "size_bytes": int(x * 1_000_000 / 8), "weights": 1_000_000, "settings": settings, "recipe": "phi-3-mini-4k",
+              "accuracy": {"kld_mean": kld, "perplexity_reference": 10.0}}
+    return row_from_record(record, "test.json")
+
+
+def test_a_size_budget_sweep_is_drawn_as_one_line_per_method_and_listed(tmp_path):
+    from phi3_export.report.plot import render_plot
+    from phi3_export.report.render import html_page, markdown
+
+    sweep = [_budget_row(f"phi-3-mini-4k-rtn-budget{mb}MB-sym-onnx-cpu", x, k)
+             for mb, x, k in ((100, 4.4, 3.1e-3), (120, 5.1, 1.9e-3), (150, 6.3, 1.2e-3))]
+    awq = [_budget_row(f"phi-3-mini-4k-awq-budget{mb}MB-sym-onnx-cpu", x, k, method="awq")
+           for mb, x, k in ((100, 4.4, 2.2e-3), (150, 6.3, 0.9e-3))]
+    lone = _budget_row("phi-3-mini-4k-rtn-budget100MB-asym-onnx-cpu", 4.5, 3.5e-3, symmetric=False)  # its own settings: no curve
+    rows = sweep + awq + [lone, _row("phi-3-mini-4k-rtn-w4g32s-onnx-cpu", x=5.0, kld=2.5e-3)]
+    png, facts = render_plot(rows)
+    assert png.startswith(b"\x89PNG")
+    curves = {c["label"]: c["points"] for c in facts["curves"]}
+    assert set(curves) == {"rtn", "awq"}
+    assert [p[1] for p in curves["rtn"]] == [4.4, 5.1, 6.3] and [p[2] for p in curves["rtn"]] == [3.1e-3, 1.9e-3, 1.2e-3]
+    assert len(curves["awq"]) == 2
+    assert "size-budget sweep: rtn" in facts["legend"] and "size-budget sweep: awq" in facts["legend"]
+    fig, ax, _ = _figure(rows)
+    try:
+        lines = {line.get_gid(): line for line in ax.get_lines() if (line.get_gid() or "").startswith("curve-")}
+        assert set(lines) == {"curve-rtn", "curve-awq"}
+        assert list(lines["curve-rtn"].get_xdata()) == [4.4, 5.1, 6.3]  # connected in size order, through the points
+    finally:
+        _close(fig)
+    # the PNG shows the line: the rtn curve's colour (tab:green) between its first two points
+    left, top, right, bottom = facts["frame_px"]
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)[top:bottom, left:right]
+    assert (np.abs(pixels - np.array((44, 160, 44))).sum(-1) < 30).sum() > 100
+    md = markdown(rows, [], [], None)
+    assert "## Size-budget curves" in md and md.count("phi-3-mini-4k-rtn-budget") >= 2 * 3
+    assert "1 int4-g32, 1 int8-g128" in md
+    assert "Size-budget curves" in html_page(rows, png, [], [], None)
+    # a mix has no single linear bits/weight figure
+    assert sweep[0].linear_bits_per_weight is None
+    # one point alone is no curve
+    _, single = render_plot(sweep[:1] + [lone])
+    assert single["curves"] == []

@@ -7,7 +7,7 @@ from typing import get_args
 
 import click
 
-from phi3_export.cli.options import CALIBRATION_OPTIONS, PRECISION_OPTIONS, TIKTOKEN_OPTION, csv_values
+from phi3_export.cli.options import BUDGET_OPTIONS, CALIBRATION_OPTIONS, PRECISION_OPTIONS, TIKTOKEN_OPTION, csv_values
 from phi3_export.errors import Phi3ExportError
 from phi3_export.recipes.schema import Method
 
@@ -24,13 +24,14 @@ from phi3_export.recipes.schema import Method
 @click.option("--block-size", type=int, help="Weights per quantization block (16-256, power of two).")
 @click.option("--symmetric/--asymmetric", default=None, help="Symmetric (zero point 8) or asymmetric per-block zero points.")
 @PRECISION_OPTIONS
+@BUDGET_OPTIONS
 @CALIBRATION_OPTIONS
 @TIKTOKEN_OPTION
 @click.option("--keep-quantized", is_flag=True, help="Keep the format-neutral quantized checkpoint in OUT/quantized.")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder (only once the new one is complete).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def quantize(checkpoint, out, recipe, method, formats, targets, block_size, symmetric, bits, accuracy_level, lm_head, max_length,
-             calib_text, calib_samples, calib_seqlen, seed, tiktoken_file, keep_quantized, force, quiet):
+             size_budget, bits_per_weight, calib_text, calib_samples, calib_seqlen, seed, tiktoken_file, keep_quantized, force, quiet):
     """Quantize a checkpoint and export one artifact per format and target.
 
     Recipe values are the defaults; every flag given overrides its recipe field. The
@@ -39,11 +40,19 @@ def quantize(checkpoint, out, recipe, method, formats, targets, block_size, symm
     --method awq calibrates on text (CPU only, one layer in memory at a time); an
     interrupted AWQ run resumes after its last finished layer when run again.
 
+    --size-budget SIZE (or --bits-per-weight B) mixes precisions: it measures, on the
+    calibration text, how much error each linear, the LM head and the embedding table add
+    at int4-g128, int4-g32 and int8-g128, then picks the least total error whose ONNX
+    model.onnx + model.onnx.data fit SIZE on every target. manifest.json's size_budget
+    records the predicted and achieved bytes and how many tensors took each choice.
+
     \b
     Examples:
       phi3-export quantize --checkpoint ./Phi-3-mini-4k-instruct --bits 4 --out out/
       phi3-export quantize --checkpoint ./ckpt --recipe phi-3.5-mini --target cpu,mobile --max-length 4096 --out out/
       phi3-export quantize --checkpoint ./ckpt --method awq --block-size 128 --asymmetric --out out-awq/
+      phi3-export quantize --checkpoint ./Phi-3-mini-4k-instruct --size-budget 2.2GB --target cpu --out out-2.2GB/
+      phi3-export quantize --checkpoint ./ckpt --method awq --bits-per-weight 4.5 --out out-4.5bpw/
       phi3-export quantize --checkpoint ./ckpt --format all --out out/      # ONNX + Core ML + Core AI from one quantization
       phi3-export quantize --checkpoint ./ckpt --format coreai --out out/   # iOS/macOS 27 (pip install 'phi3-export[coreai]')
       phi3-export quantize --checkpoint ./ckpt --bits 32 --target cpu --out ref/   # fp32 reference export
@@ -57,10 +66,17 @@ def quantize(checkpoint, out, recipe, method, formats, targets, block_size, symm
         targets=csv_values(targets), block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level, lm_head=lm_head,
         max_length=max_length, force=force, keep_quantized=keep_quantized, progress=Progress(enabled=not quiet),
         calib_text=calib_text, calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, tiktoken_file=tiktoken_file,
+        size_budget=size_budget, bits_per_weight=bits_per_weight,
     )
     for artifact in manifest["artifacts"]:
         size = sum(f["size"] for f in artifact["files"]) / 1e6
         click.echo(f"{artifact['name']}: {out / artifact['path']} ({size:.1f} MB)")
+    budget = manifest.get("size_budget")
+    if budget:
+        counts = ", ".join(f"{n} {label}" for label, n in budget["counts"].items())
+        sizes = ", ".join(f"{t} {b / 1e6:.2f} MB (predicted {budget['predicted_bytes'][t] / 1e6:.2f})"
+                          for t, b in budget["achieved_bytes"].items())
+        click.echo(f"size budget {budget['budget_bytes'] / 1e6:.2f} MB: {counts}; model.onnx + data: {sizes}")
 
 
 @click.command()

@@ -40,15 +40,22 @@ CALIBRATION_OPTIONS = options_group(
     click.option("--calib-seqlen", type=int, help="AWQ tokens per calibration window (default from the recipe, 256)."),
     click.option("--seed", type=int, help="AWQ calibration sampling seed (default from the recipe, 0)."),
 )
+_BITS = click.option("--bits", type=click.Choice(["4", "8", "16", "32"]),
+                     help="4/8: int weights (MatMulNBits); 16/32: unquantized fp16/fp32 reference.")
+_LM_HEAD = click.option("--lm-head", type=click.Choice(["int4", "int8", "fp16", "fp32"]),
+                        help="LM head precision (with tied embeddings: the shared table's). Default from the recipe.")
+_MAX_LENGTH = click.option("--max-length", type=int,
+                           help="Generation max_length (Core ML, Core AI: the KV state's context length): KV cache and RoPE tables are sized from it.")
+_LEVEL_HELP = "MatMulNBits compute precision: 4 = int8 activations (fastest on CPU), 0/1 = fp32."
 PRECISION_OPTIONS = options_group(
-    click.option("--bits", type=click.Choice(["4", "8", "16", "32"]),
-                 help="4/8: int weights (MatMulNBits); 16/32: unquantized fp16/fp32 reference."),
-    click.option("--accuracy-level", type=click.IntRange(0, 4),
-                 help="MatMulNBits compute precision: 4 = int8 activations (fastest on CPU), 0/1 = fp32."),
-    click.option("--lm-head", type=click.Choice(["int4", "int8", "fp16", "fp32"]),
-                 help="LM head precision (with tied embeddings: the shared table's). Default from the recipe."),
-    click.option("--max-length", type=int,
-                 help="Generation max_length (Core ML, Core AI: the KV state's context length): KV cache and RoPE tables are sized from it."),
+    _BITS, click.option("--accuracy-level", type=click.IntRange(0, 4), help=_LEVEL_HELP), _LM_HEAD, _MAX_LENGTH,
+)
+# sweep: the accuracy level is a grid axis (4 vs 1 changes greedy tokens on some models).
+SWEEP_PRECISION_OPTIONS = options_group(
+    _BITS,
+    click.option("--accuracy-level", "--accuracy-levels", "accuracy_levels",
+                 help=_LEVEL_HELP + " Comma-separated to sweep it, e.g. 4,1 (default: each target's)."),
+    _LM_HEAD, _MAX_LENGTH,
 )
 
 
@@ -89,3 +96,22 @@ def gate_options(f):
     )):
         f = option(f)
     return f
+
+
+# quantize's size budget (quant/budget.py); values are parsed by the API, so a bad one is a one-line error.
+SIZE_BUDGET_HELP = (
+    "Largest size of each ONNX target's decoder files (model.onnx + model.onnx.data; tokenizer and config files "
+    "do not count): bytes, or a number with a unit: 850MB, 2.2GB, 2.2GiB. Each linear, the LM head and the "
+    "embedding table get int4-g128, int4-g32 or int8-g128 (a tiny LM head or table may stay float), chosen to least error "
+    "measured on the calibration text, whatever --method; the choices are in manifest.json. Below the smallest "
+    "mix (int4-g128 everywhere) it is an error that names that size."
+)
+BITS_PER_WEIGHT_HELP = (
+    "Instead of --size-budget: the linears, LM head and embedding table average at most B bits per weight, "
+    "scales and zero points included. The budget is B x their weights / 8 + the rest of the decoder files "
+    "(norms, biases, RoPE tables, graph) of the largest ONNX target."
+)
+BUDGET_OPTIONS = options_group(
+    click.option("--size-budget", metavar="SIZE", help=SIZE_BUDGET_HELP),
+    click.option("--bits-per-weight", metavar="B", help=BITS_PER_WEIGHT_HELP),
+)

@@ -49,7 +49,14 @@ def settings_line(s: dict | None) -> str:
     bits = s["bits"]
     if bits in (16, 32):
         return f"unquantized fp{bits}"
-    line = f"{s.get('method', '?')} int{bits}, blocks of {s.get('block_size', '?')}, "
+    mix = s.get("mix")
+    if isinstance(mix, dict) and mix:  # a size budget's choice per tensor
+        counts: dict[str, int] = {}
+        for label in mix.values():
+            counts[str(label)] = counts.get(str(label), 0) + 1
+        line = f"{s.get('method', '?')} size-budget mix ({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))}), "
+    else:
+        line = f"{s.get('method', '?')} int{bits}, blocks of {s.get('block_size', '?')}, "
     line += "symmetric" if s.get("symmetric") else "asymmetric"
     if s.get("accuracy_level") is not None:
         line += f", accuracy_level {s['accuracy_level']}"

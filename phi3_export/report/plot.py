@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 from dataclasses import dataclass
 
@@ -76,6 +77,48 @@ def plot_series(rows: list[Row]) -> list[PlotPoint]:
             label += f" [{r.provider}]"
         out.append(PlotPoint(r.artifact, r.provider, label, x, r.kld_mean, float_bits(r)))
     return out
+
+
+@dataclass(frozen=True)
+class BudgetCurve:
+    """Artifacts that share everything but their size budget (quant/budget.py): one line, by size."""
+
+    label: str  # the method, plus what tells two curves apart when methods repeat
+    points: tuple[PlotPoint, ...]  # by x
+
+
+CURVE_COLOURS = ("tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def _curve_key(row: Row) -> str | None:
+    settings = row.settings or {}
+    if not settings.get("mix"):
+        return None
+    rest = {k: v for k, v in settings.items() if k != "mix"}
+    return json.dumps([row.recipe, row.format, row.target, row.provider, rest], sort_keys=True, default=str)
+
+
+def budget_curves(rows: list[Row]) -> list[BudgetCurve]:
+    """Plotted artifacts whose settings carry a size budget's mix, grouped by everything else in
+    their settings (method, bits, symmetry, accuracy level, overrides) and by recipe, format,
+    target and provider; groups of two or more are curves."""
+    by_artifact = {(r.artifact, r.provider): r for r in rows}
+    groups: dict[str, list[PlotPoint]] = {}
+    for p in plot_series(rows):
+        key = _curve_key(by_artifact[(p.artifact, p.provider)])
+        if key is not None:
+            groups.setdefault(key, []).append(p)
+    curves = [(json.loads(key), sorted(points, key=lambda p: p.x)) for key, points in groups.items() if len(points) >= 2]
+    methods = [str(key[4].get("method", "?")) for key, _ in curves]
+    out = []
+    for (key, points), label in zip(curves, methods):
+        recipe, fmt, target, provider, settings = key
+        if methods.count(label) > 1:  # the same method twice: say what differs
+            extra = [recipe, f"{fmt}-{target}" if target else fmt, provider,
+                     None if settings.get("symmetric", True) else "asym", f"level {settings.get('accuracy_level')}"]
+            label += " (" + ", ".join(str(e) for e in extra if e) + ")"
+        out.append(BudgetCurve(label, tuple(points)))
+    return sorted(out, key=lambda c: c.label)
 
 
 def plot_points(rows: list[Row]) -> list[tuple[str, float, float]]:
@@ -189,7 +232,7 @@ def plot_figure(rows: list[Row], subtitle: str | None = None):
     use_bits = all(r.bits_per_weight is not None for r in rows if r.status == "ok")
     front = set(pareto([(p.x, p.y) for p in points]))
     providers = {p.provider for p in points if not p.float_bits}
-    entries = bool(front) + (len(front) < len(points)) + any(p.float_bits for p in points) + len(providers)
+    entries = bool(front) + (len(front) < len(points)) + any(p.float_bits for p in points) + len(providers) + len(budget_curves(rows))
     legend_rows = math.ceil(entries / 2) if entries > 2 else entries
     # pixels at 100 dpi: title 70, axes 380, tick labels and x label 50, legend 21 a row
     top, plot, below = 70, 380, 52 + 21 * legend_rows + 8
@@ -229,6 +272,16 @@ def plot_figure(rows: list[Row], subtitle: str | None = None):
     if len(front) > 1:
         line = sorted((points[i].x, drawn_y[i]) for i in front)
         ax.plot([q[0] for q in line], [q[1] for q in line], color="0.55", linewidth=1, linestyle="--", zorder=2)
+    # Size-budget sweeps: each one connected by size, its own colour, named by method in the legend.
+    curves = budget_curves(rows)
+    drawn_of = {(p.artifact, p.provider): y for p, y in zip(points, drawn_y)}
+    curve_handles = []
+    for k, curve in enumerate(curves):
+        colour = CURVE_COLOURS[k % len(CURVE_COLOURS)]
+        xs_c = [p.x for p in curve.points]
+        ys_c = [drawn_of[(p.artifact, p.provider)] for p in curve.points]
+        ax.plot(xs_c, ys_c, color=colour, linewidth=1.6, zorder=3, gid=f"curve-{curve.label}")
+        curve_handles.append(Line2D([], [], color=colour, linewidth=1.6, label=f"size-budget sweep: {curve.label}"))
 
     if x_log:
         ax.set_xscale("log", base=2)
@@ -291,6 +344,7 @@ def plot_figure(rows: list[Row], subtitle: str | None = None):
         marker, text = PROVIDER_STYLE.get(provider, OTHER_PROVIDER)
         handles.append(Line2D([], [], color="0.35", linestyle="", marker=marker, markersize=6.5,
                               label=f"run by {text}" if provider in PROVIDER_STYLE else f"run by {provider}"))
+    handles += curve_handles
     legend = None
     if handles:
         legend = fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.53, 6 / height), ncol=2 if len(handles) > 2 else 1,
@@ -304,6 +358,8 @@ def plot_figure(rows: list[Row], subtitle: str | None = None):
         "x": {"label": ax.get_xlabel(), "scale": ax.get_xscale(), "limits": list(ax.get_xlim())},
         "y": {"label": ax.get_ylabel(), "scale": ax.get_yscale(), "limits": list(ax.get_ylim())},
         "labels_inside": all(fits), "legend": [h.get_label() for h in handles], "legend_artist": legend,
+        # size-budget sweeps drawn as lines: their label and (artifact, x, KLD) points by size
+        "curves": [{"label": c.label, "points": [[p.artifact, p.x, p.y] for p in c.points]} for c in curves],
     }
     return fig, ax, facts
 

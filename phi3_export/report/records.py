@@ -52,8 +52,9 @@ def linear_bits(settings: dict | None, fmt: str | None, target: str | None) -> f
     mobile, fp16 on dml) and a packed zero point only when asymmetric; Core ML's
     constexpr_blockwise_shift_scale stores an fp16 scale and an offset for every block.
     Precision overrides (an int8 lm_head, say) are not counted. Unquantized: the float bits.
+    A size budget's mix (``settings.mix``) has no one figure here: None (its sizes are in the manifest).
     """
-    if not isinstance(settings, dict) or not isinstance(settings.get("bits"), int):
+    if not isinstance(settings, dict) or not isinstance(settings.get("bits"), int) or settings.get("mix"):
         return None
     bits = settings["bits"]
     if bits in (16, 32):

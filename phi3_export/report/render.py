@@ -7,7 +7,7 @@ import html
 
 from phi3_export.report.context import FAIL, NOT_RUN, PASS, greedy_summary, settings_line
 from phi3_export.report.gate import Finding
-from phi3_export.report.plot import float_bits, plot_series
+from phi3_export.report.plot import budget_curves, float_bits, plot_series
 from phi3_export.report.records import Row
 
 COLUMNS = (
@@ -54,6 +54,28 @@ def _ordered(rows: list[Row]) -> list[Row]:
 def table_rows(rows: list[Row]) -> list[list[str]]:
     """The measured rows' cells, smallest artifact first (report.md's and report.html's table)."""
     return [[_cell(f, getattr(r, f)) for _, f in COLUMNS] for r in _ordered(rows) if r.status == "ok"]
+
+
+CURVE_HEAD = ["artifact", "size MB", "bits/w whole", "KLD mean", "mix"]
+CURVE_NOTE = ("Artifacts that share everything but their size budget (quantize --size-budget / --bits-per-weight), "
+              "smallest first: the plot draws each set as one line.")
+
+
+def curve_tables(rows: list[Row]) -> list[tuple[str, list[list[str]]]]:
+    """(label, cells per point) of every size-budget curve the plot draws."""
+    by_key = {r.key: r for r in rows}
+    out = []
+    for curve in budget_curves(rows):
+        cells = []
+        for p in curve.points:
+            r = by_key[(p.artifact, p.provider)]
+            counts: dict[str, int] = {}
+            for label in ((r.settings or {}).get("mix") or {}).values():
+                counts[label] = counts.get(label, 0) + 1
+            cells.append([r.artifact, _cell("size_bytes", r.size_bytes), _cell("bits_per_weight", r.bits_per_weight),
+                          _cell("kld_mean", r.kld_mean), ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))])
+        out.append((curve.label, cells))
+    return out
 
 
 def not_run(rows: list[Row]) -> list[str]:
@@ -228,6 +250,12 @@ def markdown(rows: list[Row], findings: list[Finding], notes: list[str], baselin
             measured = [f"not run: {r.reason}"] + [""] * (len(COLUMNS) - FIRST_MEASURED - 1)
         lines.append("| " + " | ".join(_md_escape(c) for c in cells[:FIRST_MEASURED] + [word] + measured) + " |")
     lines += [""] + bits_notes(rows, head.get("weights") or []) + [PPL_NOTE]
+    curves = curve_tables(rows)
+    if curves:
+        lines += ["", "## Size-budget curves", "", CURVE_NOTE]
+        for label, cells in curves:
+            lines += ["", f"**{_md_escape(label)}**", "", "| " + " | ".join(CURVE_HEAD) + " |", "|" + "---|" * len(CURVE_HEAD)]
+            lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in cells]
     if results:
         lines += ["", "## Results per artifact"]
         rows_by_key = {r.key: r for r in rows}
@@ -382,6 +410,14 @@ def html_page(md_rows: list[Row], png: bytes, findings: list[Finding], notes: li
                  f'src="data:image/png;base64,{image}"><figcaption>{_e(caption)}</figcaption></figure></div>')
     parts.append("<h2>Summary</h2>" + _summary_table(md_rows, results))
     parts += [f'<p class="note">{_e(n)}</p>' for n in bits_notes(md_rows, head.get("weights") or []) + [PPL_NOTE]]
+    curves = curve_tables(md_rows)
+    if curves:
+        parts.append(f'<h2>Size-budget curves</h2><p class="note">{_e(CURVE_NOTE)}</p>')
+        head_cells = "".join(f'<th class="{"l" if i in (0, 4) else ""}">{_e(h)}</th>' for i, h in enumerate(CURVE_HEAD))
+        for label, cells in curves:
+            body = "".join("<tr>" + "".join(f'<td class="{"name" if i == 0 else "l" if i == 4 else ""}">{_e(c)}</td>'
+                                            for i, c in enumerate(row)) + "</tr>" for row in cells)
+            parts.append(f"<h4>{_e(label)}</h4><table><tr>{head_cells}</tr>{body}</table>")
     if results:
         rows_by_key = {r.key: r for r in md_rows}
         parts.append("<h2>Results per artifact</h2>")

@@ -31,6 +31,7 @@ from phi3_export.checkpoint.stream import stream_layers
 from phi3_export.errors import Phi3ExportError
 from phi3_export.export.onnx.blocks import BLOCK_EMITTERS, MS, NORM_EMITTERS, emitter_for
 from phi3_export.export.onnx.graph import GraphBuilder
+from phi3_export.export.onnx.sizes import matmul_nbits_bytes
 from phi3_export.export.onnx.targets import ResolvedTarget
 from phi3_export.quant.qcheckpoint import QuantizedCheckpoint, pack_codes, unpack_codes
 
@@ -109,6 +110,9 @@ class DecoderEmitter(GraphBuilder):
             zp = (zeros if bits == 8 else pack_codes(zeros, 4)).numpy()
         if zp is not None:
             inputs.append(self.weight(f"{base}.weight_zp", zp))
+        # The size budget predicts these bytes with sizes.matmul_nbits_bytes: the layout and the count agree.
+        written = blob.nbytes + scales.size * self.io.itemsize + (zp.nbytes if zp is not None else 0)
+        assert written == matmul_nbits_bytes((attrs["N"], attrs["K"]), bits, attrs["block_size"], self.io, zp is not None), tensor
         return inputs, attrs
 
     def linear(self, x: str, linear: Linear, path: str, output: str | None = None) -> str:
@@ -167,9 +171,11 @@ class DecoderEmitter(GraphBuilder):
     def embedding(self, ids: str = "input_ids") -> str:
         name, d = self.decoder.embedding, self.decoder
         if self.qckpt.is_quantized(name):
-            # Tied: the LM head's MatMulNBits table (4 or 8 bits), gathered row-wise. Zero points
-            # are always given: GatherBlockQuantized's default differs from MatMulNBits' for 8 bits.
-            inputs, attrs = self.matmul_nbits_inputs(name, "lm_head.MatMul", explicit_zero_points=True)
+            # Tied: the LM head's MatMulNBits table (4 or 8 bits), gathered row-wise; untied (a size
+            # budget's choice), the lookup's own table. Zero points are always given:
+            # GatherBlockQuantized's default differs from MatMulNBits' for 8 bits.
+            base = "lm_head.MatMul" if d.tied else "model.embed_tokens"
+            inputs, attrs = self.matmul_nbits_inputs(name, base, explicit_zero_points=True)
             self.tied_lm_head_inputs = (inputs, attrs)
             flat = self.node("Reshape", [inputs[0], self.const([d.vocab, -1])], "/model/embed_tokens/Reshape")[0]
             gather_inputs = [flat, ids, inputs[1]] + inputs[2:]
