@@ -179,6 +179,27 @@ def test_quantize_and_sweep_share_one_option_vocabulary():
     assert shared <= quantize_opts and shared <= sweep_opts
 
 
+def test_sweep_grid_has_budget_and_accuracy_level_axes():
+    from phi3_export.sweep import grid
+
+    points = grid(("rtn", "gptq"), (32, 128), (False,), ("none", "80MB", "90MB"), (4, 1))
+    folders = [p.folder for p in points]
+    assert len(folders) == len(set(folders)) == 2 * 2 * (2 + 2)  # methods x levels x (block sizes + budgets)
+    assert "gptq-80MB-a-al1" in folders and "rtn-g128a-al4" in folders
+    budget = next(p for p in points if p.size_budget == "90MB")
+    assert budget.block_size is None and "block_size" not in budget.quantize_options()
+    assert budget.quantize_options()["size_budget"] == "90MB"
+    # without budgets: the block-size grid alone, each target's own accuracy level
+    assert [p.folder for p in grid(("awq",), (64,), (None,))] == ["awq-g64"]
+
+
+@pytest.mark.parametrize("flag", ["--accuracy-level=5", "--accuracy-level=4,x", "--method=rtn,nope"])
+def test_sweep_rejects_a_bad_axis_value_in_one_line(flag, tmp_path):
+    result = _run("sweep", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), flag)
+    assert result.exit_code == 2 and flag.split("=")[0] in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_recipe_typo_gets_a_suggestion_and_mismatches_list_every_field(fixture_dir):
     result = _run("recipes", "show", "phi-3-mini-4")
     assert result.exit_code == 2 and "did you mean 'phi-3-mini-4k'?" in result.output

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from phi3_export.cli.options import CALIBRATION_OPTIONS, PRECISION_OPTIONS, TIKTOKEN_OPTION, csv_values, gate_options, int_values
+from phi3_export.cli.options import (
+    CALIBRATION_OPTIONS,
+    SWEEP_PRECISION_OPTIONS,
+    TIKTOKEN_OPTION,
+    csv_values,
+    gate_options,
+    int_values,
+)
 from phi3_export.errors import Phi3ExportError
 
 
@@ -202,12 +209,16 @@ def report(records, out, baseline, max_kld_increase, max_ppl_increase_pct, max_s
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="Local Hugging Face folder.")
 @click.option("--recipe", help="Recipe name or path (default: matched from the checkpoint).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder: runs/<point>/ artifacts and report/.")
-@click.option("--method", "--methods", "methods", default="rtn,awq", show_default=True, help="Comma-separated methods: rtn, awq.")
+@click.option("--method", "--methods", "methods", default="rtn,awq", show_default=True,
+              help="Comma-separated methods: rtn, awq, gptq, awq-gptq.")
 @click.option("--block-size", "--block-sizes", "block_sizes", default="32,128", show_default=True, help="Comma-separated block sizes.")
+@click.option("--size-budget", "--size-budgets", "size_budgets",
+              help="Comma-separated size budgets (as quantize --size-budget: 850MB, 2.2GB, bytes); each is a point per "
+                   "method, the budget choosing every tensor's precision; 'none' adds the --block-size points too.")
 @click.option("--symmetric/--asymmetric", default=None, help="One symmetry for every point (default: the recipe's).")
 @click.option("--both-symmetries", is_flag=True, help="Sweep symmetric and asymmetric too.")
 @click.option("--target", "targets", default="cpu", show_default=True, help="Comma-separated targets to export and validate.")
-@PRECISION_OPTIONS
+@SWEEP_PRECISION_OPTIONS
 @CALIBRATION_OPTIONS
 @click.option("--eval-text", type=click.Path(path_type=Path), help="UTF-8 text for perplexity/KLD (default: the corpus' eval part).")
 @click.option("--runs", default=3, show_default=True, help="Timed runs per speed figure.")
@@ -215,20 +226,23 @@ def report(records, out, baseline, max_kld_increase, max_ppl_increase_pct, max_s
 @gate_options
 @TIKTOKEN_OPTION
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def sweep(checkpoint, recipe, out, methods, block_sizes, symmetric, both_symmetries, targets, bits, accuracy_level, lm_head,
+def sweep(checkpoint, recipe, out, methods, block_sizes, size_budgets, symmetric, both_symmetries, targets, bits, accuracy_levels, lm_head,
           max_length, calib_text, calib_samples, calib_seqlen, seed, eval_text, runs, no_speed, baseline, max_kld_increase,
           max_ppl_increase_pct, max_size_increase_pct, min_decode_tps_ratio, tiktoken_file, quiet):
-    """Quantize -> validate -> report over a grid of methods, block sizes and symmetry.
+    """Quantize -> validate -> report over a grid of methods, block sizes or size budgets, symmetry and accuracy level.
 
     One command for the accuracy-vs-size picture of a model: every grid point is exported
-    to OUT/runs/<method>-g<block><s|a>/ and validated against the checkpoint; the report
-    lands in OUT/report/. The options are quantize's, a comma-separated list where they
-    make a grid axis.
+    to OUT/runs/<method>-g<block><s|a>/ (a budget's: <method>-<budget>-<s|a>/, an accuracy
+    level's: ...-al<level>) and validated against the checkpoint; the report lands in
+    OUT/report/, a method's budget points drawn as one curve. The options are quantize's,
+    a comma-separated list where they make a grid axis.
 
     \b
     Examples:
       phi3-export sweep --checkpoint ./ckpt --out sweep/
       phi3-export sweep --checkpoint ./ckpt --method awq --block-size 32,64,128 --both-symmetries --calib-samples 16 --out sweep/
+      phi3-export sweep --checkpoint ./ckpt --method rtn,gptq --size-budget 80MB,90MB,100MB,none --block-size 128 --out sweep/
+      phi3-export sweep --checkpoint ./ckpt --method rtn --accuracy-level 4,1 --out sweep/   # what int8 activations cost
       phi3-export sweep --checkpoint ./ckpt --out sweep/ --baseline main/report.json   # CI gate over the grid
     """
     from phi3_export.progress import Progress
@@ -240,11 +254,15 @@ def sweep(checkpoint, recipe, out, methods, block_sizes, symmetric, both_symmetr
     if both_symmetries and symmetric is not None:
         raise Phi3ExportError("--both-symmetries: give it or --symmetric/--asymmetric, not both")
     symmetries = (True, False) if both_symmetries else (symmetric,)
-    points = grid(csv_values(methods) or (), sizes, symmetries)
+    given_levels = csv_values(accuracy_levels) or ()
+    if any(v not in ("0", "1", "2", "3", "4") for v in given_levels):
+        raise Phi3ExportError(f"--accuracy-level: expected comma-separated levels 0-4, not {accuracy_levels!r}")
+    levels = tuple(int(v) for v in given_levels) or (None,)
+    points = grid(csv_values(methods) or (), sizes, symmetries, csv_values(size_budgets) or (), levels)
     options = ValidateOptions(eval_text=eval_text, runs=runs, speed=not no_speed, tiktoken_file=tiktoken_file)
     overrides = {"max_kld_increase": max_kld_increase, "max_ppl_increase_pct": max_ppl_increase_pct,
                  "max_size_increase_pct": max_size_increase_pct, "min_decode_tps_ratio": min_decode_tps_ratio}
-    given = {"bits": int(bits) if bits else None, "accuracy_level": accuracy_level, "lm_head": lm_head, "max_length": max_length,
+    given = {"bits": int(bits) if bits else None, "lm_head": lm_head, "max_length": max_length,
              "calib_text": calib_text, "calib_samples": calib_samples, "calib_seqlen": calib_seqlen, "seed": seed,
              "tiktoken_file": tiktoken_file}
     doc = run_sweep(checkpoint, out, recipe=recipe, points=points, targets=csv_values(targets), validate_options=options,
