@@ -215,6 +215,8 @@ def calibrated_quantize(job: Job, out: Path, request: QuantizeRequest, method: s
                 task.advance(f"layer {index}: {what}")
 
             weights = load_tensors(ckpt, layer.tensors())
+            for name, tensor in weights.items():  # named before any search: a fold would carry a NaN into the norm
+                check_finite(name, tensor)
             module = job.arch.loaded_layer(ckpt.config, layer, weights)  # a copy: the method edits ``weights``
             inputs, y = capture_inputs(module, layer, x, extra)
             del x
