@@ -126,7 +126,7 @@ REPORT = [
 SWEEP_CASES = [
     Case("sweep-block-size-not-numbers", ("sweep", "--checkpoint", "{ckpt}", "--out", "{out}", "--block-size", "32,abc"),
          "--block-size"),
-    Case("sweep-method-unknown", ("sweep", "--checkpoint", "{ckpt}", "--out", "{out}", "--method", "rtn,gptq"), "--method"),
+    Case("sweep-method-unknown", ("sweep", "--checkpoint", "{ckpt}", "--out", "{out}", "--method", "rtn,nope"), "--method"),
     Case("sweep-block-size-invalid", SWEEP[:6] + ("48", "--no-speed", "--quiet", "--out", "{out}"), "--block-size"),
     Case("sweep-out-is-a-file", SWEEP + ("--out", "{out}",), "{out}", setup=lambda ws: ws.out.write_text("precious")),
     Case("sweep-out-inside-checkpoint", SWEEP + ("--out", "{ckpt}/sweep"), ("--out", "{ckpt}/sweep"),
