@@ -257,7 +257,7 @@ def accuracy_checkpoints(work: Path, names: list[str]) -> dict[str, Path]:
     if "tiny" in names:
         tiny = work / "tiny-trained"
         if not (tiny / "config.json").is_file():
-            r = run_measured([sys.executable, "-m", "phi3_export", "fixture", "--recipe", RECIPE, "--train-steps", "300",
+            r = run_measured([sys.executable, "-m", "phi3_export", "fixture", "--recipe", RECIPE, "--train-steps", "200",
                               "--layers", "4", "--hidden", "256", "--out", str(tiny), "--force", "--quiet"])
             if r.returncode:
                 raise RuntimeError(r.stderr[-2000:])

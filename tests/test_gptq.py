@@ -2,6 +2,8 @@
 carries bit for bit, deterministic, resumable, and streamed (memory flat in depth)."""
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +17,9 @@ from phi3_export.errors import Phi3ExportError
 from phi3_export.fixtures.corpus import corpus_text
 from phi3_export.quant.awq_search import AwqOptions
 from phi3_export.quant.calibrate import calibration_tokens, capture_inputs
-from phi3_export.quant.gptq import GptqOptions, gptq_quantize, hessian
+from phi3_export.quant.gptq import GptqOptions, block_params, gptq_quantize, hessian
 from phi3_export.quant.qcheckpoint import QuantizedCheckpoint
-from phi3_export.quant.rtn import quantize_rtn
+from phi3_export.quant.rtn import QuantizedTensor, quantize_rtn
 from phi3_export.quant.settings import Storage
 
 FIXTURE = ("phi-3-medium-4k", {})  # test_coreml's and test_int4_export's (untrained: training it would cost ~100 s)
@@ -54,6 +56,12 @@ def _fast_awq(tmp_path):
     recipe.write_text((recipes_dir() / "phi-3-mini-4k.yaml").read_text().replace(
         "quantization:\n", "quantization:\n  awq: {alpha_grid: 2}\n", 1))
     return recipe
+
+
+def _codes_for(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """RTN's rounding of ``w`` [rows, cols] on the given block scales and zero points."""
+    blocks = scales.repeat_interleave(32, dim=1)[:, : w.shape[1]], zeros.repeat_interleave(32, dim=1)[:, : w.shape[1]]
+    return (torch.round(w / blocks[0]) + blocks[1]).clamp(0, 15).to(torch.uint8)
 
 
 def _output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
@@ -144,14 +152,20 @@ def test_gptq_on_a_diagonal_hessian_is_rtn_and_act_order_keeps_the_block_grid(sy
     w = torch.randn(24, 80, generator=gen)  # 80 columns: a partial last block of 16
     storage = Storage("int4", 32, symmetric)
     rtn = quantize_rtn(w, 4, 32, symmetric)
-    diagonal = gptq_quantize(w, torch.diag(torch.rand(80, generator=gen) + 0.1), storage, GptqOptions(act_order=act_order))
+    plain = GptqOptions(act_order=act_order, mse=False)
+    diagonal = gptq_quantize(w, torch.diag(torch.rand(80, generator=gen) + 0.1), storage, plain)
     # No correlation between inputs: no error to feed forward, so GPTQ rounds exactly as RTN does.
     assert torch.equal(diagonal.codes, rtn.codes) and torch.equal(diagonal.scales, rtn.scales)
     x = torch.randn(400, 80, generator=gen) @ torch.randn(80, 80, generator=gen) * torch.linspace(0.1, 3, 80)
-    q = gptq_quantize(w, hessian(x), storage, GptqOptions(act_order=act_order))
+    q = gptq_quantize(w, hessian(x), storage, plain)
     if act_order:  # static blocks: the scales and zero points are RTN's, whatever order columns are visited in
         assert torch.equal(q.scales, rtn.scales) and torch.equal(q.zeros, rtn.zeros)
     assert _output_error(x, w, q.dequantize()) < 0.8 * _output_error(x, w, rtn.dequantize())
+    # The range search minimises each block's diag(H)-weighted rounding error (never above RTN's range).
+    d = hessian(x).diagonal()
+    weighted = [((QuantizedTensor(_codes_for(w, *p), *p, 4, 32, symmetric).dequantize() - w).pow(2) * d).sum()
+                for p in (block_params(w, storage, d, replace(plain, mse=True)), (rtn.scales, rtn.zeros.float()))]
+    assert weighted[0] < weighted[1]
 
 
 def test_gptq_refuses_float_bits(fixture_dir, tmp_path):
@@ -162,8 +176,35 @@ def test_gptq_refuses_float_bits(fixture_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_gptq_memory_flat_in_layer_count(peaks_by_depth, tmp_path):
-    peaks = peaks_by_depth(tmp_path, "--method", "gptq", "--target", "cpu", "--calib-samples", "2", "--calib-seqlen", "32")
-    shallow, deep = sorted(peaks)  # the depths of conftest.WIDE
-    assert peaks[deep] <= 1.3 * peaks[shallow], peaks
+NARROW = {"hidden": 512, "layers": (2, 16)}
+
+
+@pytest.fixture(scope="session")
+def narrow_checkpoints(shared_cache) -> dict[int, Path]:
+    """conftest.wide_checkpoints at half the width: GPTQ's work grows with width³ (per linear,
+    rows x cols² in its updates, cols³ in its Cholesky and inversion), and at conftest.WIDE's 1024
+    this test took ~100 s of CPU here, at 512 ~30 s. Still wide enough to tell a layer's state
+    kept: its Hessians alone are 12 MB (14 layers: +170 MB on a ~360 MB peak)."""
+    from phi3_export.fixtures.tiny import make_fixture
+    from phi3_export.recipes import load_recipe
+
+    return {layers: shared_cache(f"gptq-narrow-{layers}-{NARROW['hidden']}", lambda out, n=layers: make_fixture(
+                load_recipe("phi-3-mini-4k"), out, layers=n, hidden=NARROW["hidden"], dtype=torch.bfloat16))
+            for layers in NARROW["layers"]}
+
+
+def test_gptq_memory_flat_in_layer_count(narrow_checkpoints, tmp_path):
+    import sys
+
+    from phi3_export.memory import run_measured
+
+    peaks = {}
+    for layers, checkpoint in narrow_checkpoints.items():  # as conftest.peaks_by_depth measures
+        result = run_measured([sys.executable, "-m", "phi3_export", "quantize", "--checkpoint", str(checkpoint), "--out",
+                               str(tmp_path / f"out{layers}"), "--quiet", "--method", "gptq", "--target", "cpu",
+                               "--calib-samples", "2", "--calib-seqlen", "32"], interval_s=0.005)
+        assert result.returncode == 0, result.stderr
+        peaks[layers] = result.peak_rss_anon_mb
+    shallow, deep = sorted(peaks)
+    assert peaks[deep] <= 1.3 * peaks[shallow], peaks  # measured 355 vs 369 MB
     assert np.isfinite(peaks[shallow])

@@ -99,7 +99,7 @@ class GptqSettings(Strict):
 
     damp: float = Field(default=0.01, gt=0, le=1)  # fraction of mean(diag H) added to the Hessian's diagonal
     act_order: bool = True  # columns in descending diag(H), block parameters fixed beforehand
-    mse: bool = False  # each block's range shrunk by a small search (else RTN's min/max range)
+    mse: bool = True  # each block's range shrunk by a small search (else RTN's min/max range)
 
 
 class Quantization(Strict):
