@@ -63,6 +63,24 @@ def test_awq_exports_and_generates_deterministically(fixture_dir, tmp_path):
     assert not list(tmp_path.glob(".out*"))  # the resumable work folder is gone after success
 
 
+@pytest.mark.parametrize("method", ["awq", "awq-gptq"])
+def test_awq_with_a_group_linear_kept_float(method, fixture_dir, tmp_path):
+    """A mix (or override) keeping qkv_proj float: its group still searches on what is quantized,
+    the float linear is stored as given, nothing divides by a float storage's block size."""
+    from phi3_export.api import quantize
+    from phi3_export.quant.qcheckpoint import QuantizedCheckpoint
+
+    folder = fixture_dir("phi-3-mini-4k")
+    qkv, o = "model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+    quantize(folder, tmp_path / "out", method=method, targets=("cpu",), calib_samples=2, calib_seqlen=32,
+             keep_quantized=True, mix={qkv: "fp16"})
+    stored = QuantizedCheckpoint(next((tmp_path / "out").glob("quantized*")))
+    assert not stored.is_quantized(qkv) and stored.is_quantized(o)
+    original, kept = Checkpoint(folder).tensor(qkv, None).float(), stored.float(qkv)
+    q_rows = original.shape[1]  # the q rows: no scaling group folds into them once qkv_proj's own is skipped
+    assert torch.allclose(kept[:q_rows], original[:q_rows], rtol=1e-3, atol=1e-6) and torch.isfinite(kept).all()
+
+
 def test_interrupted_awq_resumes_from_last_finished_layer(fixture_dir, tmp_path, monkeypatch):
     from phi3_export import api
     from phi3_export.quant import awq

@@ -127,6 +127,19 @@ def test_search_scale_never_scores_worse_than_plain_rtn():
             assert (alpha is None) == bool((s == 1).all())
 
 
+def test_a_group_with_a_float_stored_linear_searches_on_the_quantized_ones():
+    """A recipe override (e.g. ``qkv_proj: fp16``) can leave one linear of a group float: it is
+    scored at its own precision (a scale then changes nothing for it), the others as stored."""
+    x = activations(1024, 128, seed=3)
+    weights = [torch.randn(96, 128, generator=gen(30)) * 0.02, torch.randn(32, 128, generator=gen(31))]
+    storages = [Storage("fp16"), Storage("int4", 32, True)]
+    assert torch.equal(fake_quant(weights[0], storages[0]), weights[0].half().float())
+    score = search.linear_scorer(x, torch.cat(weights))
+    rtn = score([fake_quant(wi, st) for wi, st in zip(weights, storages)])
+    s, alpha = search_scale(group(128, 128), x, weights, storages, 20, score)
+    assert alpha is not None and score([search._scaled_fake_quant(wi, s, st) for wi, st in zip(weights, storages)]) < rtn
+
+
 def test_screened_search_keeps_the_exhaustive_winner_on_a_kv_shared_group():
     kv = KvLayout(kv_heads=2, n_rep=2, head_dim=32)  # 4 query heads of 32 read 2 KV heads
     x = activations(1024, 128, seed=3)

@@ -59,14 +59,17 @@ def awq_layer(weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
         if source in starved:
             tick(f"{group.label} (too few tokens)")
             continue
+        storages = [linear_storage(lin, settings) for lin in group.linears]
+        if not any(st.quantized for st in storages):  # every linear kept float (a recipe override): no error to protect from
+            tick(f"{group.label} (kept float)")
+            continue
         x = subsample(inputs[source], options.score_tokens, seed)
         score = None
         if group.inspect and module is not None:
             windows = inputs[source].view(-1, options.seqlen, inputs[source].shape[-1])
             samples = max(1, options.score_tokens // options.seqlen)
             score = module_scorer(module, layer, group, windows[:samples], extra or {})
-        s, alpha = search_scale(group, x, [weights[lin.weight] for lin in group.linears],
-                                [linear_storage(lin, settings) for lin in group.linears], options.alpha_grid, score)
+        s, alpha = search_scale(group, x, [weights[lin.weight] for lin in group.linears], storages, options.alpha_grid, score)
         fold_scale(weights, group, s)
         for lin in group.linears:
             input_scale[lin.weight] = expand_scale(group, s)
@@ -76,7 +79,7 @@ def awq_layer(weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
     result.input_scale = input_scale
     if options.clip:
         for lin in layer.linears():
-            if not lin.quantize or lin.weight in starved:
+            if not linear_storage(lin, settings).quantized or lin.weight in starved:
                 continue
             x = subsample(inputs[lin.weight], options.clip_tokens, seed + 1)
             if lin.weight in input_scale:

@@ -104,7 +104,10 @@ def _per_scalable_channel(group: ScalingGroup, stat: torch.Tensor) -> torch.Tens
 # ---- fake quantization ---------------------------------------------------------------------
 
 def fake_quant(w: torch.Tensor, storage: Storage) -> torch.Tensor:
-    """quantize_rtn(w).dequantize(): what the stored codes decode to."""
+    """quantize_rtn(w).dequantize(): what the stored codes decode to (a float storage: ``w`` at
+    that precision; a group may mix quantized and float linears)."""
+    if not storage.quantized:
+        return w.to(torch.float16 if storage.precision == "fp16" else torch.float32).to(torch.float32)
     if w.shape[-1] % storage.block_size == 0:
         return _fake_quant_(w.to(torch.float32, copy=True), storage)
     return quantize_rtn(w, storage.bits, storage.block_size, storage.symmetric).dequantize()
@@ -138,7 +141,7 @@ def _fake_quant_(w: torch.Tensor, storage: Storage, wmin: torch.Tensor | None = 
 
 def _scaled_fake_quant(w: torch.Tensor, full: torch.Tensor, storage: Storage) -> torch.Tensor:
     """fake_quant(w * s) / s per column, in one buffer."""
-    if w.shape[1] % storage.block_size:
+    if not storage.quantized or w.shape[1] % storage.block_size:
         return fake_quant(w * full[None, :], storage) / full[None, :]
     return _fake_quant_(w * full[None, :], storage).div_(full[None, :])
 
@@ -216,7 +219,7 @@ def search_scale(group: ScalingGroup, x: torch.Tensor, weights: list[torch.Tenso
         score = linear_scorer(x, w)
     stat = channel_stat(group, x)
     # Activation and weight magnitudes both (AutoAWQ's "duo scaling"): s = x^a / w^(1-a).
-    w_stat = weight_stat(group, w, min(st.block_size for st in storages))
+    w_stat = weight_stat(group, w, min(st.block_size for st in storages if st.quantized))
 
     def scale(k: int) -> torch.Tensor:
         alpha = k / grid
