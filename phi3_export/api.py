@@ -215,7 +215,7 @@ def quantize(
     lm_head: str | None = None, max_length: int | None = None, force: bool = False, keep_quantized: bool = False, progress: Progress | None = None,
     calib_text: str | Path | None = None, calib_samples: int | None = None, calib_seqlen: int | None = None,
     seed: int | None = None, tiktoken_file: str | Path | None = None, size_budget: str | int | None = None,
-    bits_per_weight: float | None = None, mix: dict[str, str] | None = None,
+    bits_per_weight: float | None = None, mix: dict[str, str] | None = None, sensitivity_cache: Path | None = None,
 ) -> dict:
     """Quantize a checkpoint and export one artifact per format x target; returns the manifest.
 
@@ -224,7 +224,11 @@ def quantize(
     among int4-g128 / int4-g32 / int8-g128 (float for tiny tensors) to least measured error
     with every ONNX target's model.onnx + model.onnx.data within the budget (quant/budget.py);
     it calibrates whatever the method. ``mix`` (tensor name -> "int4-g32", ...) gives the
-    choices directly, e.g. a previous run's manifest ``settings.mix``.
+    choices directly, e.g. a previous run's manifest ``settings.mix``. ``sensitivity_cache``: a
+    file the budget's measured sensitivities are kept in and reused from when their inputs match
+    (checkpoint, calibration, symmetry; not the budget or the method), left for the caller to
+    remove: `sweep` measures them once for all its budgets. Without it they are kept beside
+    ``out`` only until the run completes (an interrupted run reuses them).
 
     An interrupted AWQ run keeps its finished layers in ``.<out>.awq-work`` beside ``out``;
     the same command run again resumes after the last finished layer.
@@ -306,7 +310,9 @@ def quantize(
     check_free_space(out.parent if out.parent.exists() else Path.cwd(), _estimate_bytes(ckpt, settings, len(resolved) + 2 * ("coreml" in formats) + ("coreai" in formats)))
     request = _request(awq, calibrating, calib_text)
 
-    sensitivity_cache = out.parent / f".{out.name}.budget-sensitivity.json"
+    owned_cache = sensitivity_cache is None
+    if owned_cache:
+        sensitivity_cache = out.parent / f".{out.name}.budget-sensitivity.json"
     with staged_output(out, force) as staging:
         chosen = None
         if bplan is not None:
@@ -392,5 +398,6 @@ def quantize(
         if chosen is not None:
             size_budgets.check_achieved(bplan, chosen, achieved)  # over the budget or off the prediction: our bug, loudly
         write_manifest(staging, manifest)
-    sensitivity_cache.unlink(missing_ok=True)
+    if owned_cache:
+        sensitivity_cache.unlink(missing_ok=True)
     return {"schema_version": MANIFEST_VERSION, **manifest}

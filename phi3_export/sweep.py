@@ -65,14 +65,18 @@ def sweep(checkpoint: Path, out: Path, *, recipe: str | None, points: list[Point
     check_separate(out, checkpoint, "--checkpoint")
     runs = out / "runs"
     results = []
+    # One file of measured sensitivities for every budget point: they depend on the checkpoint and
+    # the calibration, not on the budget or the method (quant/budget.py keys them so).
+    sensitivities = runs / ".budget-sensitivity.json"
     with progress.task("sweep", len(points)) as task:
         for point in points:
             folder = runs / point.folder
             quantize(checkpoint, folder, recipe=recipe, targets=targets, force=True, progress=progress,
-                     **{"bits": 4, **(quantize_options or {}), **point.quantize_options()})
+                     sensitivity_cache=sensitivities, **{"bits": 4, **(quantize_options or {}), **point.quantize_options()})
             result = validate_artifacts(folder, checkpoint, validate_options, progress)
             path = folder.with_name(point.folder + ".validate.json")
             path.write_text(json.dumps(result, indent=1) + "\n")
             results.append(path)
             task.advance(point.folder)
+    sensitivities.unlink(missing_ok=True)
     return build_report(results, out / "report", baseline=baseline, overrides=overrides)

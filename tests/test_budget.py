@@ -251,3 +251,33 @@ def test_sensitivities_order_the_candidates_and_resume_fingerprints_see_the_mix(
     options = [AwqOptions()]
     mixed = replace(settings, mix={items[0].name: "int8-g128"})
     assert fingerprint(ckpt, settings, "awq", options, "t") != fingerprint(ckpt, mixed, "awq", options, "t")
+
+
+def test_one_sensitivity_cache_serves_every_budget_and_only_its_own_checkpoint(fixture_dir, tmp_path, monkeypatch):
+    """`sweep` hands every budget point one cache: measured once, reused at another budget, and
+    measured again for a checkpoint of the same config but other weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from phi3_export.api import quantize
+    from phi3_export.quant import budget_sensitivity
+
+    calls = []
+    measure = budget_sensitivity.measure_errors
+    monkeypatch.setattr(budget_sensitivity, "measure_errors", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    ckpt, cache = fixture_dir("phi-3-mini-4k"), tmp_path / "sensitivities.json"
+    runs = {budget: quantize(ckpt, tmp_path / budget, targets=("cpu",), size_budget=budget, calib_samples=4, calib_seqlen=64,
+                             sensitivity_cache=cache) for budget in ("0.52MB", "0.56MB")}
+    assert len(calls) == 1 and cache.is_file()  # kept for the caller, which removes it
+    assert runs["0.52MB"]["size_budget"]["sensitivity"] == runs["0.56MB"]["size_budget"]["sensitivity"]
+    other = tmp_path / "other"  # same config.json, one weight changed
+    shutil.copytree(ckpt, other)
+    shard = next(other.glob("*.safetensors"))
+    tensors = load_file(shard)
+    name = next(n for n in tensors if n.endswith("o_proj.weight"))
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, shard, metadata={"format": "pt"})
+    quantize(other, tmp_path / "other-out", targets=("cpu",), size_budget="0.52MB", calib_samples=4, calib_seqlen=64,
+             sensitivity_cache=cache)
+    assert len(calls) == 2

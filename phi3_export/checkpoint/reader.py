@@ -324,6 +324,25 @@ class Checkpoint:
         rows = torch.stack([self.rows(name, int(t), int(t) + 1)[0] for t in unique])
         return rows[inverse]
 
+    def identity(self, samples: int = 16, sample_bytes: int = 65536) -> str:
+        """A digest that tells this checkpoint's weights from another's, for resume and cache keys.
+
+        config.json, then per shard its name, size, and ``samples`` slices of ``sample_bytes``
+        spread over the file (its safetensors header is the first). Hashing every byte would cost
+        minutes at 42B parameters; two checkpoints of one config (a fine-tune, a re-save in another
+        dtype) differ in nearly every weight, so a few MB of samples tell them apart."""
+        import hashlib
+
+        h = hashlib.sha256((self.folder / "config.json").read_bytes())
+        for shard in self._shards:
+            size = shard.stat().st_size
+            h.update(f"{shard.name}:{size}".encode())
+            with open(shard, "rb") as f:
+                for k in range(samples):
+                    f.seek((size - sample_bytes) * k // max(1, samples - 1) if size > sample_bytes else 0)
+                    h.update(f.read(sample_bytes))
+        return h.hexdigest()
+
     def close(self) -> None:
         """Drop the open shards: unmaps them, so pages read so far leave this process's RSS."""
         self._open.clear()

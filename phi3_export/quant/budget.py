@@ -340,7 +340,7 @@ def _cache_key(ckpt, text: str, calibration, options, bplan: BudgetPlan) -> str:
     from dataclasses import asdict
 
     h = hashlib.sha256()
-    h.update((ckpt.folder / "config.json").read_bytes())
+    h.update(ckpt.identity().encode())
     h.update(text.encode())
     items = [(item.name, [s.label for s in item.candidates]) for item in bplan.items]
     h.update(json.dumps([asdict(calibration), asdict(options), bplan.base.symmetric, items], sort_keys=True).encode())
@@ -370,7 +370,7 @@ def measure_and_choose(ckpt, arch, plan: ModelPlan, bplan: BudgetPlan, text: str
         except (ValueError, KeyError, TypeError):
             errors = None
         if errors is not None:
-            progress.message("size budget: reusing the sensitivities measured by the interrupted run")
+            progress.message(f"size budget: reusing the sensitivities measured earlier ({Path(cache).name})")
     if errors is None:
         with progress.task("budget", len(plan.decoder.layers) + 1) as task:
             errors = measure_errors(ckpt, arch, plan, text, calibration, bplan.items, options, task)

@@ -147,9 +147,9 @@ class ResumeState:
 
 
 def fingerprint(ckpt: Checkpoint, settings: QuantSettings, method: str, options: list[Any], text: str) -> str:
-    """What a resumed run must share with the interrupted one: config, settings, method, options, text."""
+    """What a resumed run must share with the interrupted one: checkpoint, settings, method, options, text."""
     h = hashlib.sha256()
-    h.update((ckpt.folder / "config.json").read_bytes())
+    h.update(ckpt.identity().encode())
     values = [asdict(o) if is_dataclass(o) else o for o in options]
     h.update(json.dumps([method, settings.as_dict(), values], sort_keys=True).encode())
     h.update(text.encode())
