@@ -388,6 +388,8 @@ def quantize(
             },
             "recipe": {"name": choice.recipe.name, "how_chosen": choice.how},
             "settings": settings.as_dict(),
+            # A mix's layer linears, weights per choice: what report's "bits/w linear" averages over.
+            **({"mix_linear_weights": size_budgets.mix_linear_weights(plan, settings)} if settings.mix else {}),
             # The size budget: what was asked, predicted and achieved per ONNX target, how many tensors took each choice.
             **({"size_budget": size_budgets.manifest_block(bplan, chosen, achieved, errors)} if chosen is not None else {}),
             # Linears AWQ left to plain RTN (a MoE expert too few calibration tokens reached).

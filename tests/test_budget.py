@@ -166,6 +166,12 @@ def test_budget_run_fits_matches_its_prediction_and_records_the_mix(fixture_dir,
     assert sum(block["counts"].values()) == len(mix) == 10 and len(set(mix.values())) >= 2  # a real mix, not one choice
     assert block["achieved_bytes"]["cpu"] > block["minimum_bytes"]["cpu"]  # the room above the smallest mix was used
     assert set(block["sensitivity"]) == set(mix)
+    from phi3_export.checkpoint import Checkpoint
+
+    shapes = Checkpoint(ckpt).shape
+    layer_linears = [name for name in mix if ".layers." in name]
+    assert manifest["mix_linear_weights"] == {label: sum(np.prod(shapes(n)) for n in layer_linears if mix[n] == label)
+                                              for label in sorted({mix[n] for n in layer_linears})}
     assert _check_tensor_bytes(ckpt, out, manifest) == 20
     assert not (tmp_path / ".out.budget-sensitivity.json").exists()
     # the artifact runs

@@ -436,8 +436,13 @@ def test_a_size_budget_sweep_is_drawn_as_one_line_per_method_and_listed(tmp_path
     assert "## Size-budget curves" in md and md.count("phi-3-mini-4k-rtn-budget") >= 2 * 3
     assert "1 int4-g32, 1 int8-g128" in md
     assert "Size-budget curves" in html_page(rows, png, [], [], None)
-    # a mix has no single linear bits/weight figure
+    # a mix's linear bits/weight: without its manifest's weights per choice, none; with them, their weighted mean
     assert sweep[0].linear_bits_per_weight is None
+    from phi3_export.report.records import linear_bits
+
+    mixed = linear_bits(sweep[0].settings, "onnx", "cpu", {"int4-g32": 3_000_000, "int8-g128": 1_000_000})
+    assert mixed == (3 * (4 + 32 / 32) + 1 * (8 + 32 / 128)) / 4  # fp32 scales on cpu, symmetric: no zero points
+    assert linear_bits(sweep[0].settings, "onnx", "dml", {"int4-g32": 1, "fp16": 1}) == (4 + 16 / 32 + 16) / 2
     # one point alone is no curve
     _, single = render_plot(sweep[:1] + [lone])
     assert single["curves"] == []

@@ -383,6 +383,15 @@ def measure_and_choose(ckpt, arch, plan: ModelPlan, bplan: BudgetPlan, text: str
     return chosen, errors
 
 
+def mix_linear_weights(plan: ModelPlan, settings: QuantSettings) -> dict[str, int]:
+    """Weights of the mix's layer linears (not the LM head or table) per choice label."""
+    counts: Counter = Counter()
+    for item in choosable_tensors(plan, settings):
+        if item.kind == "linear":
+            counts[settings.storage(item.name, item.role).label] += item.weights
+    return dict(sorted(counts.items()))
+
+
 def checked_mix(plan: ModelPlan, settings: QuantSettings, mix: dict[str, str]) -> QuantSettings:
     """``settings`` with an explicit mix (a previous run's, from its manifest), its names and labels checked."""
     names = {item.name for item in choosable_tensors(plan, settings)}

@@ -45,27 +45,48 @@ class Row:
         return (self.artifact, self.provider)
 
 
-def linear_bits(settings: dict | None, fmt: str | None, target: str | None) -> float | None:
+def linear_bits(settings: dict | None, fmt: str | None, target: str | None, mix_weights: dict | None = None) -> float | None:
     """Bits per weight of the quantized linears alone, from the settings: codes + scale and zero point per block.
 
     ONNX MatMulNBits stores one scale per block in the target's float type (fp32 on cpu and
     mobile, fp16 on dml) and a packed zero point only when asymmetric; Core ML's
     constexpr_blockwise_shift_scale stores an fp16 scale and an offset for every block.
     Precision overrides (an int8 lm_head, say) are not counted. Unquantized: the float bits.
-    A size budget's mix (``settings.mix``) has no one figure here: None (its sizes are in the manifest).
+    A size budget's mix (``settings.mix``): the weighted mean over its layer linears' choices
+    (``mix_weights``: label -> weights, the manifest's ``mix_linear_weights``); None without them.
     """
-    if not isinstance(settings, dict) or not isinstance(settings.get("bits"), int) or settings.get("mix"):
+    if not isinstance(settings, dict) or not isinstance(settings.get("bits"), int):
         return None
-    bits = settings["bits"]
+    if settings.get("mix"):
+        return _mix_bits(settings, fmt, target, mix_weights)
+    return _storage_bits(settings["bits"], settings.get("block_size"), settings.get("symmetric"), fmt, target)
+
+
+def _mix_bits(settings: dict, fmt: str | None, target: str | None, mix_weights: dict | None) -> float | None:
+    if not isinstance(mix_weights, dict) or not mix_weights:
+        return None
+    total = weighted = 0.0
+    for label, weights in mix_weights.items():
+        precision, _, block = str(label).partition("-g")
+        if not isinstance(weights, int) or precision not in ("int4", "int8", "fp16", "fp32") or (block and not block.isdigit()):
+            return None
+        bits = _storage_bits(int(precision[3:] if precision.startswith("int") else precision[2:]), int(block) if block else None,
+                             settings.get("symmetric"), fmt, target)
+        if bits is None:
+            return None
+        total, weighted = total + weights, weighted + bits * weights
+    return weighted / total if total else None
+
+
+def _storage_bits(bits: int, block: object, symmetric: object, fmt: str | None, target: str | None) -> float | None:
     if bits in (16, 32):
         return float(bits)
-    block = settings.get("block_size")
     if not isinstance(block, int) or block <= 0:
         return None
     if fmt == "coreml":
         scale, zero = 16, bits
     elif fmt == "onnx":
-        scale, zero = _scale_bits(target), 0 if settings.get("symmetric") else bits
+        scale, zero = _scale_bits(target), 0 if symmetric else bits
     else:
         return None
     return bits + (scale + zero) / block
@@ -108,7 +129,8 @@ def row_from_record(record: dict, source: str) -> Row:
         peak_rss_anon_mb=(record.get("memory") or {}).get("peak_rss_anon_mb"),
         machine=record.get("machine") or {}, source=source,
         format=record.get("format"), recipe=record.get("recipe"), settings=record.get("settings"),
-        linear_bits_per_weight=linear_bits(record.get("settings"), record.get("format"), record.get("target")),
+        linear_bits_per_weight=linear_bits(record.get("settings"), record.get("format"), record.get("target"),
+                                           record.get("mix_linear_weights")),
     )
 
 

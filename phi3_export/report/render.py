@@ -20,7 +20,7 @@ FIRST_MEASURED = 2  # COLUMNS[2:] are figures: a "not run" row says why there in
 
 BITS_NOTE = ("bits/w linear: the quantized linear weights alone, from the settings: the code bits plus one scale "
              "(fp32 on ONNX cpu/mobile, fp16 on dml and Core ML) and, when asymmetric (always on Core ML), one zero point "
-             "per block. bits/w whole: 8 × size on disk ÷ all weights of the model, so the float embedding table, norms, "
+             "per block (a size budget's mix: the mean over its layer linears' choices, weighted by their weights). bits/w whole: 8 × size on disk ÷ all weights of the model, so the float embedding table, norms, "
              "RoPE tables, tokenizer and config files count too. Rows shorter than a block are padded to a whole block, "
              "which the linear figure does not count (tiny test models only).")
 SMALL_MODEL_NOTE = ("On this {weights}-weight test model those float tensors and files dominate, so the whole-artifact "

@@ -301,7 +301,8 @@ def validate_artifacts(path: Path, reference: Path, options: ValidateOptions, pr
         base = {"artifact": artifact.name, "path": str(artifact.folder), "format": artifact.entry.get("format"),
                 "target": artifact.entry.get("target"), "size_bytes": artifact.entry.get("size_bytes"),
                 "recipe": (manifest.get("recipe") or {}).get("name"), "settings": manifest.get("settings"),
-                "weights": weight_count(manifest)}
+                "weights": weight_count(manifest),
+                **({"mix_linear_weights": manifest["mix_linear_weights"]} if manifest.get("mix_linear_weights") else {})}
         if artifact.entry.get("format") == "coreml":
             from phi3_export.validate.coreml import validate_coreml
 
