@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -140,8 +141,12 @@ def full_depth(args) -> dict:
         out = args.work / f"full-depth-{method}"
         cmd = [sys.executable, "-m", "phi3_export", "quantize", "--checkpoint", str(ckpt), "--out", str(out), "--quiet",
                "--force", *QFLAGS, "--method", method]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         r = run_measured(cmd)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
         rows[method] = {"returncode": r.returncode, "wall_s": round(r.wall_s, 1), "wall_s_per_layer": round(r.wall_s / 32, 1),
+                        "cpu_s": round(cpu_s, 1), "loadavg_1min_at_end": round(os.getloadavg()[0], 2),
                         "peak_rss_anon_mb": round(r.peak_rss_anon_mb), "peak_rss_mb": round(r.peak_rss_mb),
                         **({"stderr_tail": r.stderr[-1500:]} if r.returncode else {})}
         print(method, rows[method], flush=True)

@@ -135,7 +135,7 @@ def choices(args) -> dict:
     plan = arch.plan(ckpt.config)
     settings = QuantSettings(bits=4, method="awq", block_size=128, symmetric=False, accuracy_level=1)
     variants = json.loads(args.options)
-    variants = variants if all(isinstance(v, dict) for v in variants.values()) else {"new": variants}
+    variants = variants if variants and all(isinstance(v, dict) for v in variants.values()) else {"new": variants}
     runs = {"old": awq_options(OLD_SEARCH), **{label: awq_options(v) for label, v in variants.items()}}
     base = runs["old"]
     extra = arch.calibration_inputs(ckpt.config, base.seqlen)
