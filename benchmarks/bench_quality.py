@@ -250,6 +250,8 @@ def run_fixture(name: str, ckpt: Path, texts: dict[str, list[int]], calibration:
     earlier = {**args.earlier_runs, **rows}
     budgets = sorted({*budgets, *(earlier[k]["size_bytes"] for k in PEERS_ON_CURVE
                                   if k in earlier and low and high and low < earlier[k].get("size_bytes", 0) < high)})
+    if args.budgets:  # an explicit list (e.g. to leave out points a slow method need not repeat)
+        budgets = [int(b) for b in args.budgets.split(",")]
     curve: dict[str, list[dict]] = {}
     for method in filter(None, args.budget_methods.split(",")):
         for budget in budgets:
@@ -311,6 +313,7 @@ def main() -> None:
     ap.add_argument("--fixture", default="smollm2,tiny")
     ap.add_argument("--only", help="comma-separated run names (the curve's ends always run)")
     ap.add_argument("--budget-methods", default="gptq", help="methods drawn as a size-budget curve")
+    ap.add_argument("--budgets", help="comma-separated budgets in bytes instead of the even ones and the peers' sizes")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--held-out-tokens", type=int, default=8192)
     ap.add_argument("--reuse", action="store_true", help="reuse exports (and their measured time/memory) from an earlier run")
