@@ -165,6 +165,9 @@ def _hf_cache_blobs(folder: Path) -> Path | None:
     return blobs if folder.parent.name == "snapshots" and blobs.is_dir() else None
 
 
+IDENTITY_SAMPLES, IDENTITY_SAMPLE_BYTES = 16, 65536  # Checkpoint.identity: slices hashed per shard
+
+
 class Checkpoint:
     """A checkpoint folder: its config, tokenizer files and tensors (loaded on demand)."""
 
@@ -172,6 +175,7 @@ class Checkpoint:
         """``tiktoken_file``: a tiktoken ranks file to build tokenizer.json from (``--tiktoken-file``),
         for an architecture whose checkpoints ship ranks instead (``use_tiktoken``)."""
         self.folder = Path(folder)
+        self._identity: str | None = None
         if not self.folder.is_dir():
             raise Phi3ExportError(f"{self.folder}: checkpoint folder not found")
         self.tiktoken_file = Path(tiktoken_file) if tiktoken_file is not None else None
@@ -324,24 +328,28 @@ class Checkpoint:
         rows = torch.stack([self.rows(name, int(t), int(t) + 1)[0] for t in unique])
         return rows[inverse]
 
-    def identity(self, samples: int = 16, sample_bytes: int = 65536) -> str:
+    def identity(self) -> str:
         """A digest that tells this checkpoint's weights from another's, for resume and cache keys.
 
-        config.json, then per shard its name, size, and ``samples`` slices of ``sample_bytes``
-        spread over the file (its safetensors header is the first). Hashing every byte would cost
+        config.json, then per shard its name, size, and IDENTITY_SAMPLES slices of
+        IDENTITY_SAMPLE_BYTES spread over the file (its safetensors header is the first). Hashing every byte would cost
         minutes at 42B parameters; two checkpoints of one config (a fine-tune, a re-save in another
         dtype) differ in nearly every weight, so a few MB of samples tell them apart."""
         import hashlib
 
+        if self._identity is not None:  # a run asks twice (resume fingerprint, budget cache key)
+            return self._identity
         h = hashlib.sha256((self.folder / "config.json").read_bytes())
         for shard in self._shards:
             size = shard.stat().st_size
             h.update(f"{shard.name}:{size}".encode())
             with open(shard, "rb") as f:
-                for k in range(samples):
-                    f.seek((size - sample_bytes) * k // max(1, samples - 1) if size > sample_bytes else 0)
-                    h.update(f.read(sample_bytes))
-        return h.hexdigest()
+                for k in range(IDENTITY_SAMPLES):
+                    span = size - IDENTITY_SAMPLE_BYTES
+                    f.seek(span * k // (IDENTITY_SAMPLES - 1) if span > 0 else 0)
+                    h.update(f.read(IDENTITY_SAMPLE_BYTES))
+        self._identity = h.hexdigest()
+        return self._identity
 
     def close(self) -> None:
         """Drop the open shards: unmaps them, so pages read so far leave this process's RSS."""

@@ -65,13 +65,18 @@ def linear_bits(settings: dict | None, fmt: str | None, target: str | None, mix_
 def _mix_bits(settings: dict, fmt: str | None, target: str | None, mix_weights: dict | None) -> float | None:
     if not isinstance(mix_weights, dict) or not mix_weights:
         return None
+    from phi3_export.quant.settings import parse_storage
+
     total = weighted = 0.0
     for label, weights in mix_weights.items():
-        precision, _, block = str(label).partition("-g")
-        if not isinstance(weights, int) or precision not in ("int4", "int8", "fp16", "fp32") or (block and not block.isdigit()):
+        try:
+            storage = parse_storage(str(label), bool(settings.get("symmetric")))
+            storage_bits = storage.bits
+        except ValueError:  # not a label quantize writes
             return None
-        bits = _storage_bits(int(precision[3:] if precision.startswith("int") else precision[2:]), int(block) if block else None,
-                             settings.get("symmetric"), fmt, target)
+        if not isinstance(weights, int):
+            return None
+        bits = _storage_bits(storage_bits, storage.block_size or None, storage.symmetric, fmt, target)
         if bits is None:
             return None
         total, weighted = total + weights, weighted + bits * weights
